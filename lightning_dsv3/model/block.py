@@ -1,0 +1,127 @@
+"""One decoder layer, exposed as four parts: attention, dispatch, mlp, combine.
+
+Running the four in order is the layer's forward. The pipeline's overlapped forward&backward calls
+them one by one on two micro-batches, so that one micro-batch's all-to-all (dispatch, combine)
+runs while the other computes (attention, mlp). Dense layers have identity dispatch and combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dsv3.config import ModelConfig
+from lightning_dsv3.model.mla import MLA
+from lightning_dsv3.model.moe import MoE, Routing, SwiGLU
+
+
+class _AddAuxLoss(torch.autograd.Function):
+    """Identity on `x` whose backward also seeds `aux_loss` with `scale`.
+
+    The balance loss is then optimised where it is computed, on whichever pipeline stage holds the
+    layer, without travelling to the last stage with the main loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        aux_grad = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device)
+        return grad, aux_grad, None
+
+
+@dataclass
+class LayerState:
+    """Tensors that flow between the four parts of one layer for one micro-batch."""
+
+    h: torch.Tensor  # (batch, seq, dim) residual stream after attention
+    x: torch.Tensor  # (tokens, dim) normalised feed-forward input, tokens = batch * seq
+    routing: Routing | None = None
+    order: torch.Tensor | None = None  # (tokens * k,) flat (token, slot) positions sorted by expert
+    routed: torch.Tensor | None = None  # (tokens * k, dim) inputs sorted by expert, before dispatch
+    counts: torch.Tensor | None = None  # (n_routed_experts,) tokens per expert
+    received: torch.Tensor | None = None  # tokens for this rank's experts, sorted by local expert
+    received_counts: torch.Tensor | None = None
+    dispatch_ctx: Any = None
+    expert_out: torch.Tensor | None = None  # (received tokens, dim)
+    ffn_out: torch.Tensor | None = None  # (tokens, dim) dense MLP or shared experts
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: h = x + MLA(norm(x)); out = h + FFN(norm(h)), FFN dense or MoE."""
+
+    def __init__(self, layer_id: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = MLA(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer_id)
+        self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.dim, config.inter_dim)
+        self.aux_loss_scale = (
+            1.0  # gradient weight of the balance loss (1 / micro-batches), set by the trainer
+        )
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LayerState:
+        """Attention, the residual add, the feed-forward norm and (MoE) routing and sorting by expert."""
+        h = x + self.attn(self.attn_norm(x), cos, sin)
+        state = LayerState(h=h, x=self.ffn_norm(h).flatten(0, 1))
+        if not self.is_moe:
+            return state
+        moe: MoE = self.ffn  # type: ignore[assignment]
+        routing = moe.router(state.x)
+        if moe.router.alpha > 0 and self.training:
+            aux = moe.router.balance_loss(routing, batch=x.shape[0])
+            self.last_aux_loss = aux.detach()
+            state.h = _AddAuxLoss.apply(h, aux, self.aux_loss_scale)
+        flat = routing.indices.flatten()
+        state.routing = routing
+        state.order = flat.argsort(stable=True)
+        state.routed = state.x[state.order // moe.top_k]
+        state.counts = torch.bincount(flat, minlength=moe.n_routed_experts)
+        return state
+
+    def dispatch(self, state: LayerState) -> LayerState:
+        """Send routed tokens to the ranks owning their experts (identity without expert parallelism)."""
+        if self.is_moe:
+            moe: MoE = self.ffn  # type: ignore[assignment]
+            state.received, state.received_counts, state.dispatch_ctx = moe.dispatcher.dispatch(
+                state.routed, state.counts
+            )
+        return state
+
+    def mlp(self, state: LayerState) -> LayerState:
+        """Local experts on received tokens and shared experts (or the dense MLP) on local tokens."""
+        if not self.is_moe:
+            state.ffn_out = self.ffn(state.x)
+            return state
+        moe: MoE = self.ffn  # type: ignore[assignment]
+        state.expert_out = moe.experts(state.received, state.received_counts)
+        if moe.shared_experts is not None:
+            state.ffn_out = moe.shared_experts(state.x)
+        return state
+
+    def combine(self, state: LayerState) -> torch.Tensor:
+        """Bring expert outputs back, weight them by the gates, add shared experts and the residual."""
+        if not self.is_moe:
+            return state.h + state.ffn_out.view_as(state.h)
+        moe: MoE = self.ffn  # type: ignore[assignment]
+        back = moe.dispatcher.combine(state.expert_out, state.dispatch_ctx)  # (tokens * k, dim) by expert
+        unsorted = torch.zeros_like(back).index_copy(0, state.order, back)  # (tokens * k, dim)
+        weights = state.routing.weights.to(back.dtype).unsqueeze(-1)  # (tokens, k, 1)
+        y = (unsorted.unflatten(0, (-1, moe.top_k)) * weights).sum(1)  # (tokens, dim)
+        if state.ffn_out is not None:
+            y = y + state.ffn_out
+        return state.h + y.view_as(state.h)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (batch, seq, dim) -> (batch, seq, dim)."""
+        return self.combine(self.mlp(self.dispatch(self.attention(x, cos, sin))))

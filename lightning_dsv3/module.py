@@ -1,0 +1,168 @@
+"""DeepSeekV3Module: the LightningModule that supplies the model, the loss and the logging.
+
+With Lightning's own strategies it trains the whole model the plain way. With `DSV3Strategy` the
+strategy builds only this rank's pipeline chunks (through `build_chunk`) and runs the schedule
+itself, calling `chunk_loss` on the last stage; everything the module logs stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_dsv3.config import ModelConfig, get_preset
+from lightning_dsv3.model.transformer import LossOutput, Transformer
+
+
+class DeepSeekV3Module(L.LightningModule):
+    """Next-token (+ MTP) training of a DeepSeek-V3 model, AdamW with warm-up and cosine decay.
+
+    Args:
+        preset: name of a preset in `lightning_dsv3.config.PRESETS`.
+        model_overrides: fields of `ModelConfig` to change on top of the preset.
+        lr, weight_decay, betas: AdamW settings; norms, biases and the router bias are not decayed.
+        warmup_steps: linear warm-up length in optimizer steps.
+        min_lr_ratio: the cosine decays to `lr * min_lr_ratio` at the last optimizer step.
+        init_seed: the seed of the weight initialisation (each tensor seeded by its name).
+    """
+
+    def __init__(
+        self,
+        preset: str = "debug",
+        model_overrides: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config: ModelConfig = get_preset(preset, **(model_overrides or {}))
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio within [0, 1]")
+        self.model: Transformer | None = None
+        self.val_ce = MeanMetric()
+
+    # ---- model construction ------------------------------------------------------------------
+    def build_chunk(
+        self, layer_ids: Sequence[int] | None = None, with_embedding: bool = True, with_head: bool = True
+    ) -> Transformer:
+        """One initialised model chunk (the whole model by default); the strategy asks for stages."""
+        chunk = Transformer(self.config, layer_ids, with_embedding, with_head)
+        chunk.init_weights(self.hparams.init_seed)
+        return chunk
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_chunk()
+
+    # ---- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """batch: (batch, seq + 1) token ids."""
+        out = self.model.training_loss(batch)
+        self.log_losses(out, "train", batch_size=batch.shape[0])
+        return out.loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = self.model.training_loss(batch)
+        self.record_validation(out, batch_size=batch.shape[0])
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = self.model.training_loss(batch)
+        self.log("test_loss", out.ce, batch_size=batch.shape[0], sync_dist=True)
+
+    def chunk_loss(self, chunk: Transformer, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+        """The loss of the last pipeline stage: h (batch, seq, dim) and tokens (batch, seq + 1)."""
+        return chunk.loss(h, tokens)
+
+    # ---- logging -----------------------------------------------------------------------------
+    def log_losses(self, out: LossOutput, stage: str, batch_size: int) -> None:
+        self.log(f"{stage}_loss", out.ce, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        for k, mtp in enumerate(out.mtp, start=1):
+            self.log(f"{stage}_mtp{k}_loss", mtp, batch_size=batch_size, sync_dist=True)
+
+    def record_validation(self, out: LossOutput, batch_size: int) -> None:
+        self.val_ce.update(out.ce, weight=batch_size)
+        self.log("val_loss", out.ce, prog_bar=True, batch_size=batch_size, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_ppl", torch.exp(self.val_ce.compute()), sync_dist=False)
+        self.val_ce.reset()
+
+    # ---- aux-loss-free balancing -------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move each router's bias against the load it saw since the last step, and log the balance.
+
+        The strategy sums the counts over every rank that routes tokens of the layer, so replicas keep
+        identical biases; max violation = max load / mean load - 1.
+        """
+        reduce = getattr(self.trainer.strategy, "reduce_expert_load", None)
+        violations = []
+        for name, router in self.chunks_routers():
+            load = router.expert_load.clone()
+            if reduce is not None:
+                load = reduce(load)
+            if load.sum() > 0:
+                violation = load.max() / load.mean() - 1
+                violations.append(violation)
+                self.log(f"balance/max_violation/{name}", violation, batch_size=1)
+            router.update_bias(load)
+        if violations:
+            self.log("balance/max_violation", torch.stack(violations).max(), batch_size=1)
+
+    def chunks_routers(self):
+        """(layer name, Router) of every chunk this rank holds."""
+        for chunk in self.chunks():
+            for name, router in chunk.routers():
+                yield name.removesuffix(".ffn.router"), router
+
+    def chunks(self) -> list[Transformer]:
+        """The model chunks on this rank: the whole model, or the strategy's pipeline chunks."""
+        return [self.model] if isinstance(self.model, Transformer) else list(self.model)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (decay if param.dim() >= 2 and "norm" not in name else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        """Refuse data whose token ids the embedding cannot hold, before the first step."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the data's tokenizer has {vocab} token ids but the model's vocab_size is "
+                f"{self.config.vocab_size}; pass model_overrides={{'vocab_size': {vocab}}} "
+                "or another tokenizer"
+            )
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
