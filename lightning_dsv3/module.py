@@ -8,7 +8,7 @@ itself, calling `chunk_loss` on the last stage; everything the module logs stays
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -88,6 +88,14 @@ class DeepSeekV3Module(L.LightningModule):
         for k, mtp in enumerate(out.mtp, start=1):
             self.log(f"{stage}_mtp{k}_loss", mtp, batch_size=batch_size, sync_dist=True)
 
+    def log_reduced_losses(
+        self, stage: str, ce: torch.Tensor, mtp: list[torch.Tensor], batch_size: int
+    ) -> None:
+        """Log losses a strategy already averaged over the global batch (no further sync)."""
+        self.log(f"{stage}_loss", ce, prog_bar=True, batch_size=batch_size)
+        for k, value in enumerate(mtp, start=1):
+            self.log(f"{stage}_mtp{k}_loss", value, batch_size=batch_size)
+
     def record_validation(self, out: LossOutput, batch_size: int) -> None:
         self.val_ce.update(out.ce, weight=batch_size)
         self.log("val_loss", out.ce, prog_bar=True, batch_size=batch_size, sync_dist=True)
@@ -128,16 +136,22 @@ class DeepSeekV3Module(L.LightningModule):
         return [self.model] if isinstance(self.model, Transformer) else list(self.model)
 
     # ---- optimisation ------------------------------------------------------------------------
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping uses the norm of the whole model, across every rank of a DSV3Strategy mesh."""
+        clip_global = getattr(self.trainer.strategy, "clip_gradients_by_global_norm", None)
+        if gradient_clip_val and clip_global is not None and gradient_clip_algorithm in (None, "norm"):
+            clip_global(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 and "norm" not in name else no_decay).append(param)
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            decay_groups(self.named_parameters(), self.hparams.weight_decay),
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
         )
@@ -158,6 +172,15 @@ class DeepSeekV3Module(L.LightningModule):
                 f"{self.config.vocab_size}; pass model_overrides={{'vocab_size': {vocab}}} "
                 "or another tokenizer"
             )
+
+
+def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two param groups: matrices decay, norms and vectors do not."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (decay if param.dim() >= 2 and "norm" not in name else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -194,3 +194,4 @@ class MoE(nn.Module):
             else None
         )
         self.dispatcher: Dispatcher = LocalDispatcher()
+        self.expert_offset = 0  # global id of the first routed expert held here

@@ -1,0 +1,369 @@
+"""DSV3Strategy: the Lightning Strategy that owns the (pp, dp, ep) mesh, the step and ZeRO-1.
+
+    Trainer(strategy=DSV3Strategy(pp=1, ep=2), devices=4)      # dp inferred: 4 / (1 * 2) = 2
+    Trainer(strategy="dsv3", devices=2)                         # the registry name, pure data parallel
+
+The strategy runs the whole step itself: it splits the per-rank batch into micro-batches, runs
+forward and backward for each (the pipeline schedule when pp > 1), and returns the detached loss,
+so its `backward` does nothing. Gradients are reduced after the last micro-batch of an optimizer
+step, before clipping and the optimizer (see `optimizer_step`), which keeps Lightning's gradient
+accumulation, clipping, LR schedulers and callbacks working unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+
+from lightning_dsv3.config import ParallelConfig
+from lightning_dsv3.parallel.expert import is_expert_param, shard_experts
+from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
+from lightning_dsv3.parallel.zero import GradientReducer, ReduceGroup
+
+if TYPE_CHECKING:
+    from lightning_dsv3.module import DeepSeekV3Module
+
+
+class DSV3Strategy(ParallelStrategy):
+    """Pipeline x data x expert parallelism for `DeepSeekV3Module`.
+
+    Args:
+        pp: pipeline stages. dp: data-parallel replicas (None: world / (pp * ep)). ep: expert-parallel size.
+        schedule: pipeline schedule name (used when pp > 1).
+        n_microbatches: micro-batches per step and rank (default: 1 without a pipeline).
+        zero: shard optimizer state and fp32 master weights over the gradient-reducing groups (ZeRO-1).
+        dispatch_codec: compress the expert dispatch payload ("fp8", "int8"); None sends it as is.
+        start_method: how `devices=N` processes start on one machine when no launcher made them:
+            "popen" (re-run the script, like Lightning's "ddp"), "spawn" or "fork".
+    """
+
+    strategy_name = "dsv3"
+
+    def __init__(
+        self,
+        pp: int = 1,
+        dp: int | None = None,
+        ep: int = 1,
+        schedule: str = "1f1b",
+        n_microbatches: int | None = None,
+        zero: bool = True,
+        dispatch_codec: str | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.parallel_config = ParallelConfig(
+            pp=pp, dp=dp, ep=ep, schedule=schedule, n_microbatches=n_microbatches, zero=zero,
+            dispatch_codec=dispatch_codec,
+        )  # fmt: skip
+        if start_method not in ("popen", "spawn", "fork"):
+            raise ValueError(f"start_method must be 'popen', 'spawn' or 'fork', got {start_method!r}")
+        self._start_method = start_method
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.mesh: ParallelMesh | None = None
+        self.reducer: GradientReducer | None = None
+        self._parked: list[tuple[torch.nn.Parameter, Tensor]] = []
+        self.num_nodes = 1
+
+    # ---- Lightning plumbing --------------------------------------------------------------------
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "dsv3", cls, description="DeepSeek-V3 pipeline x data x expert parallelism with ZeRO-1"
+        )
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Tells Lightning to inject a DistributedSampler built from `distributed_sampler_kwargs`."""
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Each (dp, ep) pair reads its own slice; the pipeline ranks of one slice read the same one."""
+        mesh = self._require_mesh()
+        return {"num_replicas": mesh.data_size, "rank": mesh.data_rank}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.cluster_environment.creates_processes_externally:
+            return
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self._set_world_ranks()
+        self._process_group_backend = (
+            self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self.mesh = build_mesh(self.parallel_config, self.world_size, device_type_of(self.root_device))
+
+    def _set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def _require_mesh(self) -> ParallelMesh:
+        if self.mesh is None:
+            raise RuntimeError("the device mesh exists once the Trainer has set up the strategy")
+        return self.mesh
+
+    @property
+    def module(self) -> DeepSeekV3Module:
+        from lightning_dsv3.module import DeepSeekV3Module
+
+        module = self.lightning_module
+        if not isinstance(module, DeepSeekV3Module):
+            raise TypeError(
+                f"DSV3Strategy trains a lightning_dsv3.module.DeepSeekV3Module (or a subclass), got "
+                f"{type(module).__name__}; use Lightning's DDP or FSDP strategies for other modules"
+            )
+        return module
+
+    # ---- model and optimizer -------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        mesh = self._require_mesh()
+        module = self.module
+        if mesh.pp > 1:
+            raise NotImplementedError("pp > 1 needs the pipeline engine (lightning_dsv3.pipeline)")
+        module.configure_model()
+        shard_experts(module.model, mesh.group("ep"), mesh.ep, mesh.ep_rank)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier("model ready")
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._wrap_optimizer()
+        self.setup_precision_plugin()
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _wrap_optimizer(self) -> None:
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"DSV3Strategy supports one optimizer, configure_optimizers returned {len(self.optimizers)}"
+            )
+        mesh = self._require_mesh()
+        groups = {
+            "dense": ReduceGroup("dense", mesh.group("dp_ep"), mesh.data_size, mesh.data_rank),
+            "expert": ReduceGroup("expert", mesh.group("dp"), mesh.dp, mesh.dp_rank),
+        }
+        self.reducer = GradientReducer(
+            self.model.named_parameters(),
+            self.optimizers[0],
+            group_of=lambda name: groups["expert" if is_expert_param(name) else "dense"],
+            n_data_slices=mesh.data_size,
+            zero=self.parallel_config.zero,
+        )
+
+    # ---- the step ------------------------------------------------------------------------------
+    def n_microbatches(self) -> int:
+        return self.parallel_config.n_microbatches or 1
+
+    def split_microbatches(self, batch: Tensor) -> list[Tensor]:
+        m = self.n_microbatches()
+        if batch.shape[0] % m != 0:
+            raise ValueError(
+                f"the per-rank batch of {batch.shape[0]} sequences does not split into n_microbatches={m}; "
+                f"use a batch_size that is a multiple of {m} or another n_microbatches"
+            )
+        return list(batch.chunk(m))
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Forward and backward of every micro-batch; returns the detached global objective."""
+        module = self.module
+        micro = self.split_microbatches(batch)
+        if batch_idx % self._accumulation() == 0:
+            # Lightning zeroes gradients after the training step; ours run backward inside it
+            self.model.zero_grad(set_to_none=True)
+        grad_scale = 1.0 / (len(micro) * self._accumulation())
+        for chunk in module.chunks():
+            chunk.set_aux_loss_scale(grad_scale)
+        outs = []
+        with self.precision_plugin.train_step_context():
+            for mb in micro:
+                out = module.model.training_loss(mb)
+                (out.loss * grad_scale).backward()
+                outs.append(out)
+        loss, ce, mtp = self._global_losses(outs)
+        module.log_reduced_losses(
+            "train", ce, mtp, batch_size=batch.shape[0] * self._require_mesh().data_size
+        )
+        self._park_gradients()
+        return loss
+
+    def _park_gradients(self) -> None:
+        """Lightning zeroes gradients between the training step and `backward`; keep ours out of reach."""
+        self._parked = []
+        for p in self.model.parameters():
+            if p.grad is not None:
+                self._parked.append((p, p.grad))
+                p.grad = None
+
+    def _accumulation(self) -> int:
+        trainer = self.lightning_module.trainer
+        return trainer.accumulate_grad_batches if trainer is not None else 1
+
+    def _global_losses(self, outs: list[Any]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Mean over micro-batches and data slices of the objective, the CE and each MTP depth."""
+        rows = [torch.stack([o.loss.detach(), o.ce, *o.mtp]) for o in outs]
+        values = torch.stack(rows).mean(0)
+        mesh = self._require_mesh()
+        group = mesh.group("dp_ep")
+        if group is not None and mesh.data_size > 1:
+            dist.all_reduce(values, group=group)
+            values /= mesh.data_size
+        return values[0], values[1], list(values[2:])
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """The training step already ran backward for every micro-batch: put its gradients back.
+
+        Under gradient accumulation they add to what earlier micro-steps left.
+        """
+        for p, grad in self._parked:
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        self._parked = []
+        return closure_loss
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """Reduce gradients right after the step's last backward, then clip and step; ZeRO gathers after."""
+
+        def closure_then_reduce() -> Any:
+            result = closure()
+            if self.reducer is not None:
+                self.reducer.reduce_gradients()
+            return result
+
+        out = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        if self.reducer is not None:
+            self.reducer.gather_parameters()
+        return out
+
+    def clip_gradients_by_global_norm(self, max_norm: float) -> Tensor:
+        """Clip by the norm of the whole model's gradient across every rank of the mesh."""
+        assert self.reducer is not None
+        sq = self.reducer.grad_norm_sq_owned()
+        if _distributed_is_initialized() and self.world_size > 1:
+            dist.all_reduce(sq)
+        norm = sq.sqrt()
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        self.reducer.scale_gradients(factor)
+        return norm
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self.lightning_module.validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self.lightning_module.test_step(*args, **kwargs)
+
+    # ---- collectives ---------------------------------------------------------------------------
+    def reduce_expert_load(self, load: Tensor) -> Tensor:
+        """Sum a router's per-expert token counts over every rank of the stage (dp x ep)."""
+        mesh = self._require_mesh()
+        group = mesh.group("dp_ep")
+        if group is not None and mesh.data_size > 1:
+            load = load.clone()
+            dist.all_reduce(load, group=group)
+        return load
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Reduce over the whole world (Lightning's `sync_dist`), or over `group` when given."""
+        if not isinstance(tensor, Tensor) or not _distributed_is_initialized() or self.world_size == 1:
+            return tensor
+        op = str(reduce_op).lower() if reduce_op is not None else "mean"
+        out = tensor.clone().float() if tensor.dtype in (torch.int32, torch.int64) else tensor.clone()
+        if op in ("mean", "avg", "reduceop.avg"):
+            dist.all_reduce(out, group=group)
+            return out / dist.get_world_size(group)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(out, op=ops.get(op.removeprefix("reduceop."), dist.ReduceOp.SUM), group=group)
+        return out
+
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def tensor_init_context(self, empty_init: bool | None = None) -> Any:
+        return nullcontext()
+
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None
+        self.cluster_environment.teardown()
+        super().teardown()
+
+    def optimizer_state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state on this rank and what an unsharded optimizer would hold."""
+        assert self.reducer is not None, "the optimizer exists once fitting has started"
+        return self.reducer.optimizer_state_bytes()

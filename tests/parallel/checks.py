@@ -1,0 +1,135 @@
+"""Functions the process pool runs on every rank, and the single-process reference they match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_dsv3.config import get_preset
+from lightning_dsv3.model import Transformer
+from lightning_dsv3.module import DeepSeekV3Module, decay_groups
+from lightning_dsv3.strategy import DSV3Strategy
+
+SEQ = 16
+# SGD's update is linear in the gradient, so a wrong gradient scale shows in the next steps; AdamW's
+# first step is ~lr * sign(g), which amplifies last-bit differences of near-zero gradients (any
+# change of summation order), so it is checked with a small lr.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-4, "betas": (0.9, 0.95)}),
+}
+OVERRIDES: dict[str, Any] = {"max_seq_len": SEQ, "original_seq_len": SEQ, "aux_loss_alpha": 0.01}
+
+
+def batches(steps: int, global_batch: int, seed: int = 0) -> torch.Tensor:
+    """(steps * global_batch, SEQ + 1) random token ids; step k uses rows [k * B, (k + 1) * B)."""
+    return torch.randint(
+        0, 256, (steps * global_batch, SEQ + 1), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def make_optimizer(named_params: Any, optim: str) -> torch.optim.Optimizer:
+    cls, kwargs = OPTIMIZERS[optim]
+    return cls(decay_groups(named_params, 0.1), **kwargs)
+
+
+class _Module(DeepSeekV3Module):
+    def __init__(self, optim: str) -> None:
+        super().__init__(preset="debug", model_overrides=OVERRIDES)
+        self.optim = optim
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.named_parameters(), self.optim)
+
+
+def reference(steps: int, global_batch: int, optim: str) -> dict[str, Any]:
+    """One process, the whole global batch at once: losses, step-1 gradients, states after 1 and N steps."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("debug", **OVERRIDES))
+    model.init_weights(0)
+    opt = make_optimizer(model.named_parameters(), optim)
+    data = batches(steps, global_batch)
+    out: dict[str, Any] = {"losses": []}
+    for k in range(steps):
+        loss = model.training_loss(data[k * global_batch : (k + 1) * global_batch]).loss
+        loss.backward()
+        out["losses"].append(loss.item())
+        if k == 0:
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for _, router in model.routers():
+            router.update_bias()
+        opt.step()
+        opt.zero_grad()
+        if k == 0:
+            out["state1"] = {n: t.clone() for n, t in model.state_dict().items()}
+    out["state"] = {n: t.clone() for n, t in model.state_dict().items()}
+    return out
+
+
+class Capture(L.Callback):
+    """Records each step's loss, the reduced gradients of the first step and the state after it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grads: dict[str, Any] | None = None
+        self.state1: dict[str, torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
+        if self.grads is not None:
+            return
+        reducer = trainer.strategy.reducer
+        if reducer.zero:
+            self.grads = {
+                "zero": [
+                    (b.names, b.offsets, [p.numel() for p in b.params], b.reduce_group.rank, b.shard_numel,
+                     b.master.grad.clone())
+                    for b in reducer.buckets
+                ]
+            }  # fmt: skip
+        else:
+            self.grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if self.state1 is None:
+            self.state1 = {n: t.clone() for n, t in module.model.state_dict().items()}
+
+
+def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: str) -> dict[str, Any]:
+    """Train through Trainer + DSV3Strategy on this rank; return what the test compares."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    strategy = DSV3Strategy(**layout)
+    module = _Module(optim)
+    capture = Capture()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[capture], limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+    )  # fmt: skip
+    data_size = world // layout.get("pp", 1)
+    rows = list(batches(steps, global_batch))
+    # Lightning's injected sampler always shuffles training data; this one keeps step k's global batch
+    # equal to rows [k * B, (k + 1) * B) as in the reference (data rank = global rank % (dp * ep)).
+    sampler = DistributedSampler(
+        rows, num_replicas=data_size, rank=dist.get_rank() % data_size, shuffle=False
+    )
+    loader = DataLoader(rows, batch_size=global_batch // data_size, sampler=sampler)
+    trainer.fit(module, train_dataloaders=loader)
+    mesh = strategy.mesh
+    return {
+        "losses": capture.losses,
+        "grads": capture.grads,
+        "state1": capture.state1,
+        "state": {n: t.clone() for n, t in module.model.state_dict().items()},
+        "ep_rank": mesh.ep_rank,
+        "ep": mesh.ep,
+        "state_bytes": strategy.optimizer_state_bytes(),
+        "shard_sizes": [(b.reduce_group.size, b.numel, b.shard_numel) for b in strategy.reducer.buckets],
+    }
