@@ -12,7 +12,10 @@ accumulation, clipping, LR schedulers and callbacks working unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from contextlib import nullcontext
+from pathlib import Path
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,6 +37,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 
+from lightning_dsv3 import checkpoint as ckpt
 from lightning_dsv3.config import ParallelConfig
 from lightning_dsv3.parallel.expert import is_expert_param, shard_experts
 from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
@@ -130,6 +134,9 @@ class DSV3Strategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        self.parallel_config.resolve(
+            self.num_nodes * self.num_processes
+        )  # refuse a bad mesh before launching
         if self.cluster_environment.creates_processes_externally:
             return
         if self._start_method == "popen":
@@ -140,6 +147,7 @@ class DSV3Strategy(ParallelStrategy):
             self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
 
     def setup_environment(self) -> None:
+        self._validate(self.num_nodes * self.num_processes)
         super().setup_environment()
         reset_seed()
         self._set_world_ranks()
@@ -151,6 +159,16 @@ class DSV3Strategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.mesh = build_mesh(self.parallel_config, self.world_size, device_type_of(self.root_device))
+
+    def _validate(self, world_size: int) -> None:
+        """Every check that needs no process group: the mesh against the world and the model."""
+        config = self.parallel_config.resolve(world_size)
+        n_experts = self.module.config.n_routed_experts
+        if self.module.config.n_moe_layers and n_experts % config.ep != 0:
+            raise ValueError(
+                f"ep={config.ep} does not divide n_routed_experts={n_experts}; choose an ep among "
+                f"{[d for d in range(1, n_experts + 1) if n_experts % d == 0]}"
+            )
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -316,6 +334,49 @@ class DSV3Strategy(ParallelStrategy):
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.test_step_context():
             return self.lightning_module.test_step(*args, **kwargs)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Empty: `save_checkpoint` writes the live, sharded model through DCP instead."""
+        return {}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write a sharded checkpoint folder at `filepath` (every rank takes part)."""
+        if storage_options is not None:
+            raise TypeError(
+                "DSV3Strategy writes checkpoints through torch.distributed.checkpoint; drop storage_options"
+            )
+        path = Path(self.broadcast(str(filepath)))
+        meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        meta["dsv3_layout"] = dataclasses.asdict(self._require_mesh().config)
+        ckpt.save(path, self.model, self.reducer, meta, self.global_rank)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load this rank's part of a checkpoint written on any mesh; returns Lightning's remaining state."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        return ckpt.load(path, self.model, self.reducer)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Already loaded by `load_checkpoint`."""
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """Already loaded by `load_checkpoint`."""
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     # ---- collectives ---------------------------------------------------------------------------
     def reduce_expert_load(self, load: Tensor) -> Tensor:

@@ -99,6 +99,15 @@ class GradientReducer:
         bucket.master = nn.Parameter(flat[start : start + bucket.shard_numel].clone())
         return bucket.master
 
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """ZeRO-1: copy the model's current weights into the master shards (after loading weights)."""
+        for bucket in self.buckets:
+            if bucket.master is not None:
+                flat = self._flat([p.detach() for p in bucket.params], bucket, torch.float32)
+                start = bucket.reduce_group.rank * bucket.shard_numel
+                bucket.master.copy_(flat[start : start + bucket.shard_numel])
+
     @staticmethod
     def _flat(tensors: list[torch.Tensor], bucket: Bucket, dtype: torch.dtype) -> torch.Tensor:
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])

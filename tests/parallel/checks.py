@@ -133,3 +133,41 @@ def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: s
         "state_bytes": strategy.optimizer_state_bytes(),
         "shard_sizes": [(b.reduce_group.size, b.numel, b.shard_numel) for b in strategy.reducer.buckets],
     }
+
+
+class _SaveAt(L.Callback):
+    def __init__(self, path: str, epoch: int) -> None:
+        self.path, self.epoch = path, epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
+def checkpoint_run(layout: dict[str, Any], path: str, resume: bool, global_batch: int = 8) -> dict[str, Any]:
+    """Three one-batch epochs; the first run saves after epoch 2, a resumed run trains epoch 3 only.
+
+    Returns the losses and the final state under layout-independent names (one key per expert).
+    """
+    import torch.distributed as dist
+
+    from lightning_dsv3.checkpoint import model_entries
+
+    world = dist.get_world_size()
+    module = _Module("sgd")
+    capture = Capture()
+    callbacks = [capture] if resume else [capture, _SaveAt(path, epoch=1)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=DSV3Strategy(**layout), max_epochs=3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+    )  # fmt: skip
+    data_size = world // layout.get("pp", 1)
+    rows = list(batches(1, global_batch))
+    sampler = DistributedSampler(
+        rows, num_replicas=data_size, rank=dist.get_rank() % data_size, shuffle=False
+    )
+    trainer.fit(module, DataLoader(rows, batch_size=global_batch // data_size, sampler=sampler),
+                ckpt_path=path if resume else None)  # fmt: skip
+    entries = {k: v.clone() for k, v in model_entries(module.model).items()}
+    return {"losses": capture.losses, "step": trainer.global_step, "state": entries}

@@ -1,0 +1,56 @@
+"""Sharded checkpoints: saved on one mesh, loaded on another, the next step is the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from checks import checkpoint_run
+from harness import ProcessPool
+
+
+@pytest.fixture(scope="module")
+def pool1():
+    pool = ProcessPool(1)
+    yield pool
+    pool.close()
+
+
+def _union(results: list[dict]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for r in results:
+        out.update(r["state"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(pool4, tmp_path_factory) -> tuple[Path, list[dict]]:
+    path = tmp_path_factory.mktemp("ckpt") / "epoch1.ckpt"
+    results = pool4.run(checkpoint_run, {"dp": 2, "ep": 2, "zero": True}, str(path), False)
+    assert path.is_dir() and (path / "meta.pt").is_file()
+    assert not path.with_name(path.name + ".tmp").exists()
+    return path, results
+
+
+@pytest.mark.parametrize(
+    "layout", [{"ep": 4, "zero": False}, {"dp": 4, "zero": True}], ids=["ep4", "dp4-zero"]
+)
+def test_resume_on_another_mesh(pool4, saved, layout) -> None:
+    path, uninterrupted = saved
+    resumed = pool4.run(checkpoint_run, layout, str(path), True)
+    for r in resumed:
+        assert r["step"] == 3
+        assert r["losses"] == pytest.approx(uninterrupted[0]["losses"][2:], rel=1e-5)
+    expected, got = _union(uninterrupted), _union(resumed)
+    assert got.keys() == expected.keys()
+    for key, value in got.items():  # the step after loading used the restored optimizer state too
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_resume_in_one_process(pool1, saved) -> None:
+    path, uninterrupted = saved
+    (r,) = pool1.run(checkpoint_run, {"zero": True}, str(path), True)
+    assert r["losses"] == pytest.approx(uninterrupted[0]["losses"][2:], rel=1e-5)
+    for key, value in r["state"].items():
+        torch.testing.assert_close(value, _union(uninterrupted)[key], rtol=1e-5, atol=1e-7, msg=key)
