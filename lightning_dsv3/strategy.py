@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from contextlib import nullcontext
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
