@@ -55,12 +55,25 @@ def _split(name: str, tensor: torch.Tensor, offsets: dict[str, int]) -> Iterator
 
 def model_entries(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's persistent state under layout-independent names (expert rows are views)."""
+    return {key: copies[0] for key, copies in _model_copies(module).items()}
+
+
+def _model_copies(module: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Like `model_entries`, with every local copy of a name (two pipeline chunks can hold one)."""
     offsets = _expert_offsets(module)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, list[torch.Tensor]] = {}
     for name, tensor in module.state_dict(keep_vars=False).items():
         for key, value in _split(name, tensor, offsets):
-            out[f"model/{key}"] = value
+            out.setdefault(f"model/{key}", []).append(value)
     return out
+
+
+def _load_copies(path: Path, copies: dict[str, list[torch.Tensor]]) -> None:
+    """Load each stored entry into the first local copy and copy it into the others."""
+    dcp.load({key: tensors[0] for key, tensors in copies.items()}, checkpoint_id=str(path))
+    for tensors in copies.values():
+        for other in tensors[1:]:
+            other.copy_(tensors[0])
 
 
 @torch.no_grad()
@@ -147,14 +160,14 @@ def load(path: Path, module: nn.Module, reducer: GradientReducer | None) -> dict
             "pass the folder ModelCheckpoint or trainer.save_checkpoint wrote"
         )
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    entries = model_entries(module)
+    entries = _model_copies(module)
     missing = sorted(k for k in entries if k not in stored)
     if missing:
         raise KeyError(
             f"checkpoint {path} lacks {len(missing)} entries this model needs, e.g. {missing[:3]}; "
             "was it written for another preset or model_overrides?"
         )
-    dcp.load(entries, checkpoint_id=str(path))
+    _load_copies(path, entries)
     if reducer is not None:
         _load_optimizer(path, module, reducer, stored)
     return torch.load(path / META_FILE, weights_only=False)
@@ -162,7 +175,7 @@ def load(path: Path, module: nn.Module, reducer: GradientReducer | None) -> dict
 
 def _load_optimizer(path: Path, module: nn.Module, reducer: GradientReducer, stored: dict[str, Any]) -> None:
     offsets = _expert_offsets(module)
-    targets: dict[str, torch.Tensor] = {}
+    targets: dict[str, list[torch.Tensor]] = {}
     plan: list[tuple[str, nn.Parameter, str, torch.Tensor]] = []  # (param name, param, state key, buffer)
     keys_of: dict[str, set[str]] = {}
     for key in stored:
@@ -179,11 +192,11 @@ def _load_optimizer(path: Path, module: nn.Module, reducer: GradientReducer, sto
                 scalar = len(meta.size) == 0
                 buf = torch.zeros(() if scalar else p.shape, dtype=meta.properties.dtype)
                 for split_name, part in _split(name, p if scalar else buf, offsets):
-                    targets[f"optim/{split_name}/{state_key}"] = buf if scalar else part
+                    targets.setdefault(f"optim/{split_name}/{state_key}", []).append(buf if scalar else part)
                 plan.append((name, p, state_key, buf))
     if not targets:
         return
-    dcp.load(targets, checkpoint_id=str(path))
+    _load_copies(path, targets)
     states: dict[str, dict[str, torch.Tensor]] = {}
     for name, _, state_key, buf in plan:
         states.setdefault(name, {})[state_key] = buf

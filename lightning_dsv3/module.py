@@ -60,8 +60,10 @@ class DeepSeekV3Module(L.LightningModule):
         return chunk
 
     def configure_model(self) -> None:
+        """The whole model, or the chunks this rank holds when the strategy plans a pipeline."""
         if self.model is None:
-            self.model = self.build_chunk()
+            build = getattr(self.trainer.strategy, "build_model", None) if self._trainer else None
+            self.model = build(self) if build is not None else self.build_chunk()
 
     # ---- steps -------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -108,28 +110,25 @@ class DeepSeekV3Module(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Move each router's bias against the load it saw since the last step, and log the balance.
 
-        The strategy sums the counts over every rank that routes tokens of the layer, so replicas keep
-        identical biases; max violation = max load / mean load - 1.
+        The strategy sums the counts over every rank that routes tokens of the layer (and over the
+        pipeline copies of the layer), so replicas keep identical biases;
+        max violation = max load / mean load - 1.
         """
-        reduce = getattr(self.trainer.strategy, "reduce_expert_load", None)
+        routers = {name: router for chunk in self.chunks() for name, router in chunk.routers()}
+        loads = {name: router.expert_load.clone() for name, router in routers.items()}
+        reduce = getattr(self.trainer.strategy, "reduce_expert_loads", None)
+        if reduce is not None:
+            loads = reduce(loads)
         violations = []
-        for name, router in self.chunks_routers():
-            load = router.expert_load.clone()
-            if reduce is not None:
-                load = reduce(load)
+        for name, router in routers.items():
+            load = loads[name]
             if load.sum() > 0:
                 violation = load.max() / load.mean() - 1
                 violations.append(violation)
-                self.log(f"balance/max_violation/{name}", violation, batch_size=1)
+                self.log(f"balance/max_violation/{name.removesuffix('.ffn.router')}", violation, batch_size=1)
             router.update_bias(load)
         if violations:
             self.log("balance/max_violation", torch.stack(violations).max(), batch_size=1)
-
-    def chunks_routers(self):
-        """(layer name, Router) of every chunk this rank holds."""
-        for chunk in self.chunks():
-            for name, router in chunk.routers():
-                yield name.removesuffix(".ffn.router"), router
 
     def chunks(self) -> list[Transformer]:
         """The model chunks on this rank: the whole model, or the strategy's pipeline chunks."""

@@ -35,13 +35,17 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_dsv3 import checkpoint as ckpt
 from lightning_dsv3.config import ParallelConfig
+from lightning_dsv3.model.transformer import LossOutput
 from lightning_dsv3.parallel.expert import is_expert_param, shard_experts
 from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
 from lightning_dsv3.parallel.zero import GradientReducer, ReduceGroup
+from lightning_dsv3.pipeline.runtime import PipelineRuntime, forward_schedule
+from lightning_dsv3.pipeline.schedules import make_schedule
+from lightning_dsv3.pipeline.stages import StagePlan, TiedCopies
 
 if TYPE_CHECKING:
     from lightning_dsv3.module import DeepSeekV3Module
@@ -98,6 +102,9 @@ class DSV3Strategy(ParallelStrategy):
         self._timeout = timeout
         self.mesh: ParallelMesh | None = None
         self.reducer: GradientReducer | None = None
+        self.plan: StagePlan | None = None
+        self.runtime: PipelineRuntime | None = None
+        self.tied: TiedCopies | None = None
         self._parked: list[tuple[torch.nn.Parameter, Tensor]] = []
         self.num_nodes = 1
 
@@ -163,6 +170,9 @@ class DSV3Strategy(ParallelStrategy):
     def _validate(self, world_size: int) -> None:
         """Every check that needs no process group: the mesh against the world and the model."""
         config = self.parallel_config.resolve(world_size)
+        if config.pp > 1:
+            schedule = make_schedule(config.schedule, config.pp, self.n_microbatches())
+            self.plan = StagePlan.build(self.module.config, schedule)
         n_experts = self.module.config.n_routed_experts
         if self.module.config.n_moe_layers and n_experts % config.ep != 0:
             raise ValueError(
@@ -194,17 +204,30 @@ class DSV3Strategy(ParallelStrategy):
         return module
 
     # ---- model and optimizer -------------------------------------------------------------------
+    def build_model(self, module: DeepSeekV3Module) -> nn.Module:
+        """The whole model, or this rank's pipeline chunks (called from `module.configure_model`)."""
+        if self.plan is None:
+            return module.build_chunk()
+        specs = self.plan.chunks_of(self._require_mesh().pp_rank)
+        return nn.ModuleList(module.build_chunk(s.layer_ids, s.with_embedding, s.with_head) for s in specs)
+
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         mesh = self._require_mesh()
         module = self.module
-        if mesh.pp > 1:
-            raise NotImplementedError("pp > 1 needs the pipeline engine (lightning_dsv3.pipeline)")
         module.configure_model()
-        shard_experts(module.model, mesh.group("ep"), mesh.ep, mesh.ep_rank)
+        for chunk in module.chunks():
+            shard_experts(chunk, mesh.group("ep"), mesh.ep, mesh.ep_rank)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.plan is not None:
+            self.runtime = PipelineRuntime(
+                self.plan.schedule, module.chunks(), mesh.pp_rank, mesh.group("pp"), mesh.global_rank_of,
+                module.chunk_loss,
+            )  # fmt: skip
+            coord = (mesh.dp_rank, mesh.ep_rank)
+            self.tied = TiedCopies(self.plan, module.config, mesh.pp_rank, mesh.dp, mesh.ep, coord)
         self.barrier("model ready")
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -231,11 +254,21 @@ class DSV3Strategy(ParallelStrategy):
             group_of=lambda name: groups["expert" if is_expert_param(name) else "dense"],
             n_data_slices=mesh.data_size,
             zero=self.parallel_config.zero,
+            copies=self._copies_of,
         )
+
+    def _copies_of(self, name: str) -> int:
+        """How many chunks of the pipeline hold the parameter `name` (model.<chunk>.<name> under pp)."""
+        if self.tied is None:
+            return 1
+        return self.tied.copies.get(name.split(".", 2)[2], 1)
 
     # ---- the step ------------------------------------------------------------------------------
     def n_microbatches(self) -> int:
-        return self.parallel_config.n_microbatches or 1
+        """Micro-batches per step: as given, else 1 without a pipeline and 2 * pp with one."""
+        if self.parallel_config.n_microbatches:
+            return self.parallel_config.n_microbatches
+        return 1 if self.parallel_config.pp == 1 else 2 * self.parallel_config.pp
 
     def split_microbatches(self, batch: Tensor) -> list[Tensor]:
         m = self.n_microbatches()
@@ -256,16 +289,18 @@ class DSV3Strategy(ParallelStrategy):
         grad_scale = 1.0 / (len(micro) * self._accumulation())
         for chunk in module.chunks():
             chunk.set_aux_loss_scale(grad_scale)
-        outs = []
         with self.precision_plugin.train_step_context():
-            for mb in micro:
-                out = module.model.training_loss(mb)
-                (out.loss * grad_scale).backward()
-                outs.append(out)
-        loss, ce, mtp = self._global_losses(outs)
-        module.log_reduced_losses(
-            "train", ce, mtp, batch_size=batch.shape[0] * self._require_mesh().data_size
-        )
+            if self.runtime is not None:
+                outs = [out for _, out in self.runtime.run(micro, grad_scale)]
+            else:
+                outs = []
+                for mb in micro:
+                    out = module.model.training_loss(mb)
+                    (out.loss * grad_scale).backward()
+                    outs.append(out)
+        loss, ce, mtp = self._global_losses(outs, len(micro))
+        global_batch = batch.shape[0] * self._require_mesh().data_size
+        module.log_reduced_losses("train", ce, mtp, batch_size=global_batch)
         self._park_gradients()
         return loss
 
@@ -277,19 +312,48 @@ class DSV3Strategy(ParallelStrategy):
                 self._parked.append((p, p.grad))
                 p.grad = None
 
+    def _eval_step(self, batch: Tensor) -> LossOutput:
+        """Forward-only pass over the pipeline (or the whole model) -> the global losses."""
+        module = self.module
+        if self.runtime is None:
+            outs = [module.model.training_loss(batch)]
+            n = 1
+        else:
+            micro = self.split_microbatches(batch)
+            outs = [out for _, out in self.runtime.forward_only(forward_schedule(self.plan.schedule), micro)]
+            n = len(micro)
+        loss, ce, mtp = self._global_losses(outs, n)
+        return LossOutput(loss=loss, ce=ce, mtp=mtp)
+
+    def validation_step(self, batch: Tensor, batch_idx: int, *args: Any) -> None:
+        with self.precision_plugin.val_step_context():
+            out = self._eval_step(batch)
+        self.module.record_validation(out, batch_size=batch.shape[0] * self._require_mesh().data_size)
+
+    def test_step(self, batch: Tensor, batch_idx: int, *args: Any) -> None:
+        with self.precision_plugin.test_step_context():
+            out = self._eval_step(batch)
+        self.module.log("test_loss", out.ce, batch_size=batch.shape[0] * self._require_mesh().data_size)
+
     def _accumulation(self) -> int:
         trainer = self.lightning_module.trainer
         return trainer.accumulate_grad_batches if trainer is not None else 1
 
-    def _global_losses(self, outs: list[Any]) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Mean over micro-batches and data slices of the objective, the CE and each MTP depth."""
-        rows = [torch.stack([o.loss.detach(), o.ce, *o.mtp]) for o in outs]
-        values = torch.stack(rows).mean(0)
-        mesh = self._require_mesh()
-        group = mesh.group("dp_ep")
-        if group is not None and mesh.data_size > 1:
-            dist.all_reduce(values, group=group)
-            values /= mesh.data_size
+    def _global_losses(self, outs: list[LossOutput], n_micro: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Mean over every micro-batch of every data slice of the objective, the CE and each MTP depth.
+
+        Each micro-batch's loss exists on one rank of its pipeline (its last stage), so local sums are
+        added over the whole world and divided by micro-batches x data slices.
+        """
+        depth = self.module.config.mtp_depth
+        device = self.root_device
+        values = torch.zeros(2 + depth, device=device)
+        for o in outs:
+            mtp = [m.float() for m in o.mtp] + [torch.zeros((), device=device)] * (depth - len(o.mtp))
+            values += torch.stack([o.loss.detach().float(), o.ce.float(), *mtp])
+        if _distributed_is_initialized() and self.world_size > 1:
+            dist.all_reduce(values)
+        values /= n_micro * self._require_mesh().data_size
         return values[0], values[1], list(values[2:])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -307,6 +371,8 @@ class DSV3Strategy(ParallelStrategy):
 
         def closure_then_reduce() -> Any:
             result = closure()
+            if self.tied is not None:
+                self.tied.sync(self.tied.grads_by_name(self.module.chunks()))
             if self.reducer is not None:
                 self.reducer.reduce_gradients()
             return result
@@ -326,14 +392,6 @@ class DSV3Strategy(ParallelStrategy):
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.reducer.scale_gradients(factor)
         return norm
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.val_step_context():
-            return self.lightning_module.validation_step(*args, **kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.precision_plugin.test_step_context():
-            return self.lightning_module.test_step(*args, **kwargs)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     @property
@@ -379,14 +437,21 @@ class DSV3Strategy(ParallelStrategy):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     # ---- collectives ---------------------------------------------------------------------------
-    def reduce_expert_load(self, load: Tensor) -> Tensor:
-        """Sum a router's per-expert token counts over every rank of the stage (dp x ep)."""
+    def reduce_expert_loads(self, loads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum routers' per-expert token counts over every rank that routes tokens of the layer.
+
+        That is the stage's dp x ep ranks and, under DualPipe, the mirror copy of the stage.
+        """
+        if self.tied is not None:
+            self.tied.sync({f"{name}.expert_load": [load] for name, load in loads.items()})
         mesh = self._require_mesh()
         group = mesh.group("dp_ep")
-        if group is not None and mesh.data_size > 1:
-            load = load.clone()
-            dist.all_reduce(load, group=group)
-        return load
+        if group is None or mesh.data_size == 1 or not loads:
+            return loads
+        names = sorted(loads)
+        flat = torch.cat([loads[n].reshape(-1) for n in names])
+        dist.all_reduce(flat, group=group)
+        return dict(zip(names, flat.split([loads[n].numel() for n in names])))
 
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Reduce over the whole world (Lightning's `sync_dist`), or over `group` when given."""

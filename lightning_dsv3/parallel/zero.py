@@ -62,6 +62,8 @@ class GradientReducer:
         group_of: maps a parameter name to the ReduceGroup that shares its gradient.
         n_data_slices: dp * ep; reduced gradients are divided by it.
         zero: shard optimizer state (ZeRO-1) or keep it replicated.
+        copies: how many pipeline chunks hold a parameter (DualPipe's mirrored stages, tied
+            embeddings); the global norm counts each distinct parameter once.
     """
 
     def __init__(
@@ -71,8 +73,10 @@ class GradientReducer:
         group_of: Callable[[str], ReduceGroup],
         n_data_slices: int,
         zero: bool,
+        copies: Callable[[str], int] = lambda name: 1,
     ) -> None:
         self.optimizer = optimizer
+        self.copies = copies
         self.zero = zero
         self.scale = 1.0 / n_data_slices
         name_of = {p: n for n, p in named_params}
@@ -176,22 +180,28 @@ class GradientReducer:
     def grad_norm_sq_owned(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm; summed over the world it is exact.
 
-        Under ZeRO-1 every element lives in exactly one shard; replicated gradients are counted once
-        per group by dividing by the group size.
+        Under ZeRO-1 every element lives in exactly one shard of its group; replicated gradients are
+        divided by the group size, and parameters held by several pipeline chunks by their copies.
         """
-        total = None
+        total = torch.zeros((), device=self._device())
         for bucket in self.buckets:
-            if self.zero:
-                part = bucket.master.grad.float().pow(2).sum() if bucket.master.grad is not None else None
-            else:
-                sq = [p.grad.float().pow(2).sum() for p in bucket.params if p.grad is not None]
-                part = torch.stack(sq).sum() / bucket.reduce_group.size if sq else None
-            if part is not None:
-                total = part if total is None else total + part
-        if total is None:
-            device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
-            total = torch.zeros((), device=device)
+            size = bucket.reduce_group.size
+            start = bucket.reduce_group.rank * bucket.shard_numel
+            for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets):
+                if self.zero:
+                    lo, hi = max(offset, start), min(offset + p.numel(), start + bucket.shard_numel)
+                    if hi <= lo or bucket.master.grad is None:
+                        continue
+                    sq = bucket.master.grad[lo - start : hi - start].float().pow(2).sum()
+                else:
+                    if p.grad is None:
+                        continue
+                    sq = p.grad.float().pow(2).sum() / size
+                total += sq / self.copies(name)
         return total
+
+    def _device(self) -> torch.device:
+        return self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
 
     @torch.no_grad()
     def scale_gradients(self, factor: float | torch.Tensor) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_dsv3.checkpoint import canonical_name
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model import Transformer
 from lightning_dsv3.module import DeepSeekV3Module, decay_groups
 from lightning_dsv3.strategy import DSV3Strategy
 
 SEQ = 16
+STEPS, GLOBAL_BATCH = 3, 8
 # SGD's update is linear in the gradient, so a wrong gradient scale shows in the next steps; AdamW's
 # first step is ~lr * sign(g), which amplifies last-bit differences of near-zero gradients (any
 # change of summation order), so it is checked with a small lr.
@@ -21,7 +24,13 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
     "adamw": (torch.optim.AdamW, {"lr": 1e-4, "betas": (0.9, 0.95)}),
 }
-OVERRIDES: dict[str, Any] = {"max_seq_len": SEQ, "original_seq_len": SEQ, "aux_loss_alpha": 0.01}
+# 8 layers, so that pp=4 with two chunks per rank (DualPipeV, interleaved 1F1B) has a layer per stage
+OVERRIDES: dict[str, Any] = {
+    "max_seq_len": SEQ,
+    "original_seq_len": SEQ,
+    "aux_loss_alpha": 0.01,
+    "n_layers": 8,
+}
 
 
 def batches(steps: int, global_batch: int, seed: int = 0) -> torch.Tensor:
@@ -90,14 +99,19 @@ class Capture(L.Callback):
                 ]
             }  # fmt: skip
         else:
-            self.grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+            self.grads = {canonical_name(n): p.grad.clone() for n, p in module.named_parameters()}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
         if self.state1 is None:
-            self.state1 = {n: t.clone() for n, t in module.model.state_dict().items()}
+            self.state1 = _state(module)
+
+
+def _state(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The module's state under whole-model names ("layers.3...."), whatever chunk holds it."""
+    return {canonical_name(n).removeprefix("model."): t.clone() for n, t in module.state_dict().items()}
 
 
 def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: str) -> dict[str, Any]:
@@ -127,7 +141,7 @@ def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: s
         "losses": capture.losses,
         "grads": capture.grads,
         "state1": capture.state1,
-        "state": {n: t.clone() for n, t in module.model.state_dict().items()},
+        "state": _state(module),
         "ep_rank": mesh.ep_rank,
         "ep": mesh.ep,
         "state_bytes": strategy.optimizer_state_bytes(),
@@ -171,3 +185,52 @@ def checkpoint_run(layout: dict[str, Any], path: str, resume: bool, global_batch
                 ckpt_path=path if resume else None)  # fmt: skip
     entries = {k: v.clone() for k, v in model_entries(module.model).items()}
     return {"losses": capture.losses, "step": trainer.global_step, "state": entries}
+
+
+# ---- assertions shared by the strategy and pipeline tests -------------------------------------
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the error relative to the tensor's norm."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def _local(name: str, ref: torch.Tensor, ep_rank: int, ep: int) -> torch.Tensor:
+    """The slice of a reference tensor that an ep rank holds (routed experts are split over ep)."""
+    if ".experts.w" in name and ep > 1:
+        n = ref.shape[0] // ep
+        return ref[ep_rank * n : (ep_rank + 1) * n]
+    return ref
+
+
+def _check_state(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ep_rank: int, ep: int) -> None:
+    assert state.keys() <= ref.keys()  # a pipeline rank holds some stages
+    for name, value in state.items():
+        expected = _local(name, ref[name], ep_rank, ep)
+        assert value.shape == expected.shape, name
+        assert _rel_err(value, expected) < 1e-5, (name, _rel_err(value, expected))
+
+
+def _check_grads(grads: dict[str, Any], ref: dict[str, torch.Tensor], ep_rank: int, ep: int) -> None:
+    if "zero" not in grads:
+        for name, g in grads.items():
+            name = name.removeprefix("model.")
+            assert _rel_err(g, _local(name, ref[name], ep_rank, ep)) < 1e-5, name
+        return
+    for names, _offsets, _sizes, rank, shard_numel, shard in grads["zero"]:
+        names = [canonical_name(n).removeprefix("model.") for n in names]
+        flat = torch.cat([_local(n, ref[n], ep_rank, ep).reshape(-1) for n in names])
+        flat = torch.nn.functional.pad(flat, (0, shard_numel * (rank + 1) - flat.numel()))  # padding is zero
+        expected = flat[rank * shard_numel : (rank + 1) * shard_numel]
+        assert shard.shape == expected.shape
+        assert _rel_err(shard, expected) < 1e-5, names
+
+
+def check_layout(
+    pool, layout: dict[str, Any], ref: dict[str, Any], optim: str = "sgd"
+) -> list[dict[str, Any]]:
+    results = pool.run(strategy_run, layout, STEPS, GLOBAL_BATCH, optim)
+    for r in results:
+        _check_grads(r["grads"], ref["grads"], r["ep_rank"], r["ep"])
+        _check_state(r["state1"], ref["state1"], r["ep_rank"], r["ep"])
+        _check_state(r["state"], ref["state"], r["ep_rank"], r["ep"])
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    return results

@@ -1,0 +1,31 @@
+"""Every pipeline schedule, alone and with dp / ep / ZeRO-1, equals one process on the global batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from checks import GLOBAL_BATCH, STEPS, check_layout, reference
+
+SCHEDULES = ["gpipe", "1f1b", "zb1p", "interleaved_1f1b", "dualpipe", "dualpipev"]
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, Any]:
+    return reference(STEPS, GLOBAL_BATCH, "sgd")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pp2_matches_one_process(pool2, ref, schedule: str) -> None:
+    check_layout(pool2, {"pp": 2, "schedule": schedule, "zero": False}, ref)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pp4_matches_one_process(pool4, ref, schedule: str) -> None:
+    check_layout(pool4, {"pp": 4, "schedule": schedule, "zero": False}, ref)
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev", "zb1p"])
+@pytest.mark.parametrize("mesh", [{"dp": 2}, {"ep": 2}], ids=["pp2xdp2", "pp2xep2"])
+def test_pp2_with_data_or_expert_parallel_and_zero(pool4, ref, schedule: str, mesh: dict[str, Any]) -> None:
+    check_layout(pool4, {"pp": 2, **mesh, "schedule": schedule, "zero": True}, ref)
