@@ -8,6 +8,7 @@ values (or the first rank's traceback) come back to the test.
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import traceback
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 _TIMEOUT_S = 300
+_GRACE_S = 20
 
 
 def _free_port() -> int:
@@ -52,6 +54,7 @@ class ProcessPool:
     def __init__(self, world_size: int) -> None:
         ctx = mp.get_context("spawn")
         self.world_size = world_size
+        self.broken = False  # a check left ranks stuck: the pool cannot run more checks
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
@@ -64,12 +67,18 @@ class ProcessPool:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run fn(*args) on every rank; returns the results in rank order or raises the first error."""
+        if self.broken:
+            raise RuntimeError("an earlier check left this pool's ranks stuck; see that failure")
         for q in self.tasks:
             q.put((fn, args))
         out: dict[int, Any] = {}
-        errors = []
+        errors: list[str] = []
         for _ in range(self.world_size):
-            rank, ok, value = self.results.get(timeout=_TIMEOUT_S)
+            try:  # once a rank failed, its peers may wait forever on it: report after a short grace
+                rank, ok, value = self.results.get(timeout=_GRACE_S if errors else _TIMEOUT_S)
+            except queue.Empty:
+                self.broken = True
+                raise AssertionError("\n".join(sorted(errors)) or f"no answer in {_TIMEOUT_S} s") from None
             (out.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
         if errors:
             raise AssertionError("\n".join(sorted(errors)))
@@ -79,6 +88,6 @@ class ProcessPool:
         for q in self.tasks:
             q.put(None)
         for p in self.procs:
-            p.join(timeout=30)
+            p.join(timeout=5 if self.broken else 30)
             if p.is_alive():
                 p.kill()

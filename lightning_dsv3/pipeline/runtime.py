@@ -5,9 +5,10 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 (the contract in the schedules module docstring). Where two consecutive stages live on this rank
 (DualPipeV's turn) the tensor is handed over in memory.
 
-Backward for inputs (B) and for weights (W) are split with torch.distributed.pipelining's
-`stage_backward_input` / `stage_backward_weight`, which stop the input-gradient pass at the
-weights' inputs and finish the weight gradients later, without recomputing the graph.
+Every forward is recorded part by part (see `overlap.py`), so backwards run part by part too: the
+overlapped FB action interleaves one micro-batch's forward with another's backward, and backward for
+inputs (B) and for weights (W) are split per part (B keeps the part's graph, W walks it for the
+weights).
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.
@@ -16,15 +17,14 @@ the pipeline timeline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from lightning_dsv3.model.transformer import LossOutput, Transformer
+from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts, lockstep
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
 
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], LossOutput]
@@ -43,12 +43,12 @@ class ActionTiming:
 class _State:
     """Tensors alive between the actions of one step, keyed by (micro-batch, local chunk)."""
 
-    inputs: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)
-    outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # output, or scaled loss
+    tapes: dict[tuple[int, int], Tape] = field(default_factory=dict)  # recorded forwards awaiting backward
+    chains: dict[tuple[int, int], Chain] = field(default_factory=dict)  # each micro-batch's event chain
+    sends: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # stage outputs to send
     acts: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # received stage inputs
     grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # received output grads
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # to send back
-    weight_work: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)
     losses: list[tuple[int, LossOutput]] = field(default_factory=list)
 
 
@@ -83,6 +83,7 @@ class PipelineRuntime:
         self.global_rank = global_rank
         self.loss_fn = loss_fn
         self.timings: list[ActionTiming] = []
+        self.streams = Streams(next(chunks[0].parameters()).device)
 
     # ---- public ----------------------------------------------------------------------------------
     def run(self, microbatches: list[torch.Tensor], loss_scale: float) -> list[tuple[int, LossOutput]]:
@@ -122,8 +123,8 @@ class PipelineRuntime:
                 continue
             self._compute(schedule, actions[i], state, microbatches, loss_scale, grad)
             i += 1
-        if state.outputs or state.weight_work:
-            left = sorted(state.outputs) + sorted(state.weight_work)
+        left = sorted(state.tapes) + sorted(state.sends) + sorted(state.input_grads)
+        if left:
             raise RuntimeError(f"pipeline rank {self.rank} finished its list with work left for {left[:4]}")
         return state.losses
 
@@ -138,16 +139,19 @@ class PipelineRuntime:
     ) -> None:
         start = time.perf_counter()
         op = action.op
-        if op in (Op.F, Op.FB):
-            self._forward(schedule, action.mb, action.chunk, state, microbatches, loss_scale, grad)
-        if op is Op.FB:  # overlapped pair; numerically the forward then the full backward
-            self._backward(schedule, action.mb2, action.chunk2, state, split=False)
-        elif op in (Op.B, Op.BW):
-            self._backward(schedule, action.mb, action.chunk, state, split=op is Op.B)
-        elif op is Op.W:
-            stage_backward_weight(
-                self.chunks[action.chunk].parameters(), state.weight_work.pop((action.mb, action.chunk))
+        if not grad:
+            self._forward_no_grad(schedule, action.mb, action.chunk, state, microbatches)
+        elif op is Op.F:
+            _drain(self._forward(schedule, action.mb, action.chunk, state, microbatches, loss_scale))
+        elif op is Op.FB:  # one micro-batch's all-to-all runs while the other computes
+            lockstep(
+                self._forward(schedule, action.mb, action.chunk, state, microbatches, loss_scale),
+                self._backward(schedule, action.mb2, action.chunk2, state, split=False),
             )
+        elif op in (Op.B, Op.BW):
+            _drain(self._backward(schedule, action.mb, action.chunk, state, split=op is Op.B))
+        elif op is Op.W:
+            state.tapes.pop((action.mb, action.chunk)).backward_weights()
         self.timings.append(ActionTiming(str(action), start - self._t0, time.perf_counter() - self._t0))
 
     def _forward(
@@ -158,57 +162,71 @@ class PipelineRuntime:
         state: _State,
         microbatches: list[torch.Tensor],
         loss_scale: float,
-        grad: bool,
+    ) -> Iterator[str]:
+        """The forward of (mb, c) part by part, recording its tape for the backward."""
+        tokens = microbatches[mb]
+        stage = schedule.stage_of(self.rank, c)
+        last = stage == schedule.n_stages - 1
+        first_input = tokens[:, :-1] if stage == 0 else state.acts.pop((mb, c)).requires_grad_(True)
+        tape = Tape()
+        chain = Chain()
+        state.chains[(mb, c)] = chain
+        yield from forward_parts(
+            self.chunks[c],
+            tape,
+            first_input,
+            tokens,
+            stage == 0,
+            last,
+            self.loss_fn,
+            loss_scale,
+            self.streams,
+            chain,
+        )
+        state.tapes[(mb, c)] = tape
+        if last:
+            state.losses.append((mb, tape.loss))
+        else:
+            self._hand_on(schedule, mb, c, stage, tape.output.detach(), state)
+
+    def _forward_no_grad(
+        self, schedule: PipelineSchedule, mb: int, c: int, state: _State, microbatches: list[torch.Tensor]
     ) -> None:
         chunk, tokens = self.chunks[c], microbatches[mb]
         stage = schedule.stage_of(self.rank, c)
-        if stage == 0:
-            inp = None
-            h = chunk.embed_tokens(tokens[:, :-1])
-        else:
-            inp = state.acts.pop((mb, c))
-            if grad:
-                inp.requires_grad_(True)
-            h = inp
+        h = chunk.embed_tokens(tokens[:, :-1]) if stage == 0 else state.acts.pop((mb, c))
         out = chunk.run_layers(h)
         if stage == schedule.n_stages - 1:
-            lo = self.loss_fn(chunk, out, tokens)
-            state.losses.append((mb, lo))
-            out = lo.loss * loss_scale
+            state.losses.append((mb, self.loss_fn(chunk, out, tokens)))
         else:
-            nxt_rank, nxt_chunk = schedule.locate(mb, stage + 1)
-            if nxt_rank == self.rank:
-                state.acts[(mb, nxt_chunk)] = out.detach()
-        if grad:
-            state.inputs[(mb, c)] = inp
-            state.outputs[(mb, c)] = out
-        else:
-            state.outputs[(mb, c)] = out.detach()
-            if stage == schedule.n_stages - 1 or schedule.locate(mb, stage + 1)[0] == self.rank:
-                state.outputs.pop((mb, c))  # nothing to send
+            self._hand_on(schedule, mb, c, stage, out, state)
 
-    def _backward(self, schedule: PipelineSchedule, mb: int, c: int, state: _State, split: bool) -> None:
-        out = state.outputs.pop((mb, c))
-        inp = state.inputs.pop((mb, c))
+    def _hand_on(
+        self, schedule: PipelineSchedule, mb: int, c: int, stage: int, out: torch.Tensor, state: _State
+    ) -> None:
+        """Give a stage output to the next stage: in memory on this rank, else keep it for SEND_ACT."""
+        nxt_rank, nxt_chunk = schedule.locate(mb, stage + 1)
+        if nxt_rank == self.rank:
+            state.acts[(mb, nxt_chunk)] = out
+        else:
+            state.sends[(mb, c)] = out
+
+    def _backward(
+        self, schedule: PipelineSchedule, mb: int, c: int, state: _State, split: bool
+    ) -> Iterator[str]:
+        """The backward of (mb, c) part by part; `split` leaves the weight gradients for W."""
+        tape = state.tapes[(mb, c)]
         stage = schedule.stage_of(self.rank, c)
         grad_out = None if stage == schedule.n_stages - 1 else state.grads.pop((mb, c))
-        if split and inp is not None:
-            grads, work = stage_backward_input(
-                [out], None if grad_out is None else [grad_out], [inp], self.chunks[c].parameters()
-            )
-            state.weight_work[(mb, c)] = work
-            input_grad = grads[0]
-        else:
-            torch.autograd.backward(out, grad_out)
-            input_grad = None if inp is None else inp.grad
-            if split:  # the first stage has no input: its B is the whole backward and W has nothing left
-                state.weight_work[(mb, c)] = []
+        yield from tape.backward_parts(grad_out, split, self.streams, state.chains.pop((mb, c)))
+        if not split:
+            del state.tapes[(mb, c)]
         if stage > 0:
             prev_rank, prev_chunk = schedule.locate(mb, stage - 1)
             if prev_rank == self.rank:
-                state.grads[(mb, prev_chunk)] = input_grad
+                state.grads[(mb, prev_chunk)] = tape.input_grad
             else:
-                state.input_grads[(mb, c)] = input_grad
+                state.input_grads[(mb, c)] = tape.input_grad
 
     def _communicate(
         self, actions: tuple[Action, ...], state: _State, microbatches: list[torch.Tensor]
@@ -218,9 +236,7 @@ class PipelineRuntime:
             peer = self.global_rank(a.peer)
             key = (a.mb, a.chunk)
             if a.op is Op.SEND_ACT:
-                ops.append(dist.P2POp(dist.isend, state.outputs[key].detach().contiguous(), peer, self.group))
-                if not torch.is_grad_enabled():
-                    state.outputs.pop(key)
+                ops.append(dist.P2POp(dist.isend, state.sends.pop(key).contiguous(), peer, self.group))
             elif a.op is Op.SEND_GRAD:
                 ops.append(dist.P2POp(dist.isend, state.input_grads.pop(key).contiguous(), peer, self.group))
             else:
@@ -237,6 +253,11 @@ class PipelineRuntime:
         return torch.empty(
             tokens.shape[0], tokens.shape[1] - 1, chunk.config.dim, dtype=weight.dtype, device=weight.device
         )
+
+
+def _drain(steps: Iterator[str]) -> None:
+    for _ in steps:
+        pass
 
 
 def forward_schedule(schedule: PipelineSchedule) -> PipelineSchedule:
