@@ -61,6 +61,7 @@ class ModelConfig:
     beta_slow: int = 1
     mscale: float = 1.0
     attn_pad_v: bool = False  # pad V to the q/k head dim so SDPA can use flash attention on GPUs
+    expert_impl: Literal["grouped", "loop"] = "grouped"  # one grouped GEMM, or the plain loop over experts
     # multi-token prediction
     mtp_depth: int = 1
     mtp_loss_weight: float = 0.3
@@ -118,6 +119,10 @@ class ModelConfig:
                 f"n_activated_experts={self.n_activated_experts}; raise n_limited_groups",
             )
         need(self.rope_factor >= 1.0, f"rope_factor={self.rope_factor} must be >= 1")
+        need(
+            self.expert_impl in ("grouped", "loop"),
+            f"expert_impl must be 'grouped' or 'loop', got {self.expert_impl!r}",
+        )
 
     @property
     def qk_head_dim(self) -> int:

@@ -119,21 +119,32 @@ class GroupedExperts(nn.Module):
     Weights follow nn.Linear's (out, in) layout per expert: w1, w3 (E, hidden, dim); w2 (E, dim, hidden).
     """
 
-    def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, impl: str = "grouped") -> None:
         super().__init__()
         self.n_experts = n_experts
+        self.impl = impl
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (N, dim) tokens sorted by expert; counts: (E,) tokens per expert -> (N, dim)."""
+        if self.impl == "loop":
+            return self._loop(x, counts)
         if grouped_mm_available(x):
             offs = counts.cumsum(0).to(torch.int32)
             w1, w2, w3 = (w.to(x.dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
         return self._padded_bmm(x, counts)
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The plain way, one small GEMM chain per expert (a baseline for the grouped GEMM)."""
+        outs = []
+        for e, rows in enumerate(x.split(counts.tolist())):
+            h = F.silu(rows @ self.w1[e].T) * (rows @ self.w3[e].T)
+            outs.append(h @ self.w2[e].T)
+        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[1])
 
     def _padded_bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Scatter tokens into an (E, capacity, dim) buffer, run three bmms, gather back."""
@@ -187,7 +198,9 @@ class MoE(nn.Module):
         self.n_routed_experts = config.n_routed_experts
         self.top_k = config.n_activated_experts
         self.router = Router(config)
-        self.experts = GroupedExperts(config.n_routed_experts, config.dim, config.moe_inter_dim)
+        self.experts = GroupedExperts(
+            config.n_routed_experts, config.dim, config.moe_inter_dim, config.expert_impl
+        )
         self.shared_experts = (
             SwiGLU(config.dim, config.n_shared_experts * config.moe_inter_dim)
             if config.n_shared_experts > 0

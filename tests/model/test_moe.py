@@ -119,3 +119,16 @@ def test_four_parts_compose_to_forward() -> None:
         cos, sin = rope_cos_sin(cfg, 5)
         parts = block.combine(block.mlp(block.dispatch(block.attention(x, cos, sin))))
         torch.testing.assert_close(parts, block(x, cos, sin))
+
+
+def test_grouped_experts_equal_the_plain_loop() -> None:
+    from lightning_dsv3.model.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p)
+    x, counts = torch.randn(10, 8), torch.tensor([3, 0, 5, 2])
+    grouped = experts(x, counts)
+    experts.impl = "loop"
+    torch.testing.assert_close(experts(x, counts), grouped, rtol=1e-5, atol=1e-5)

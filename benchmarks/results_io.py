@@ -1,0 +1,55 @@
+"""Shared by the benchmark scripts: describe the device and write a dated result file.
+
+Every figure quoted in README or docs comes from a file written here, with the device, the torch
+version, the command and the date beside the table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, body: str, out_dir: Path | None = None) -> Path:
+    """Print `body` and write it with device, torch version, command and date to results/.
+
+    DSV3_RESULTS_DIR redirects the file (the test suite's small runs write to a temporary folder).
+    """
+    today = dt.date.today().isoformat()
+    device = device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    folder = out_dir or Path(os.environ.get("DSV3_RESULTS_DIR", RESULTS))
+    path = folder / f"{name}-{slug}-{today}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    text = (
+        f"# {name}\n\n- date: {today}\n- device: {device}\n- torch: {torch.__version__}\n"
+        f"- command: `{command}`\n\n{body}\n"
+    )
+    path.write_text(text)
+    print(text)
+    return path
