@@ -234,3 +234,30 @@ def check_layout(
         _check_state(r["state"], ref["state"], r["ep_rank"], r["ep"])
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     return results
+
+
+def validate_run(layout: dict[str, Any], global_batch: int = 8) -> float:
+    """`Trainer.validate` through the strategy on one global batch; returns the logged val_loss."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    data_size = world // layout.get("pp", 1)
+    rows = list(batches(1, global_batch, seed=1))
+    sampler = DistributedSampler(
+        rows, num_replicas=data_size, rank=dist.get_rank() % data_size, shuffle=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=DSV3Strategy(**layout), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    module = _Module("sgd")
+    trainer.validate(module, DataLoader(rows, batch_size=global_batch // data_size, sampler=sampler))
+    return float(trainer.callback_metrics["val_loss"])
+
+
+def reference_val_loss(global_batch: int = 8) -> float:
+    model = Transformer(get_preset("debug", **OVERRIDES))
+    model.init_weights(0)
+    model.eval()
+    with torch.no_grad():
+        return model.training_loss(batches(1, global_batch, seed=1)).ce.item()

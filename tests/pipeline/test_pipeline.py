@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from checks import GLOBAL_BATCH, STEPS, check_layout, reference
+from checks import GLOBAL_BATCH, STEPS, check_layout, reference, reference_val_loss, validate_run
 
 SCHEDULES = ["gpipe", "1f1b", "zb1p", "interleaved_1f1b", "dualpipe", "dualpipev"]
 
@@ -29,3 +29,18 @@ def test_pp4_matches_one_process(pool4, ref, schedule: str) -> None:
 @pytest.mark.parametrize("mesh", [{"dp": 2}, {"ep": 2}], ids=["pp2xdp2", "pp2xep2"])
 def test_pp2_with_data_or_expert_parallel_and_zero(pool4, ref, schedule: str, mesh: dict[str, Any]) -> None:
     check_layout(pool4, {"pp": 2, **mesh, "schedule": schedule, "zero": True}, ref)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"pp": 2, "schedule": "dualpipev"},
+        {"pp": 2, "ep": 2, "schedule": "dualpipe"},
+        {"pp": 4, "schedule": "1f1b"},
+    ],
+    ids=["pp2-dualpipev", "pp2xep2-dualpipe", "pp4-1f1b"],
+)
+def test_validation_runs_forward_only_and_matches_one_process(pool4, pool2, layout: dict[str, Any]) -> None:
+    pool = pool2 if layout.get("pp", 1) * layout.get("ep", 1) == 2 else pool4
+    losses = pool.run(validate_run, layout)
+    assert losses == pytest.approx([reference_val_loss()] * len(losses), rel=1e-5)

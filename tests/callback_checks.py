@@ -1,0 +1,160 @@
+"""Runs the callback tests share: a short fit with every callback (one process, or on every rank of
+the process pool under DSV3Strategy), and a reader for what W&B wrote in offline mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from torch.utils.data import DataLoader
+
+from lightning_dsv3.callbacks import (
+    CommunicationStats,
+    ExpertLoadMonitor,
+    MemoryProfiler,
+    PipelineTimeline,
+    Throughput,
+)
+from lightning_dsv3.module import DeepSeekV3Module
+
+SEQ = 16
+OVERRIDES = {"max_seq_len": SEQ, "original_seq_len": SEQ}
+PEAK_FLOPS = 1e11  # a made-up CPU peak, so that MFU is logged
+
+
+def callbacks(dirpath: Path, every_n_steps: int) -> dict[str, L.Callback]:
+    return {
+        "memory": MemoryProfiler(dirpath=dirpath / "memory"),
+        "comm": CommunicationStats(every_n_steps=1),
+        "timeline": PipelineTimeline(every_n_steps=every_n_steps, dirpath=dirpath / "timeline"),
+        "experts": ExpertLoadMonitor(every_n_steps=every_n_steps, dirpath=dirpath / "experts"),
+        "throughput": Throughput(peak_flops_per_device=PEAK_FLOPS, window_size=2),
+    }
+
+
+def fit(
+    dirpath: Path,
+    logger: Logger,
+    steps: int,
+    every_n_steps: int,
+    strategy: Any = "auto",
+    devices: int = 1,
+    global_batch: int = 8,
+    val_every: int | None = None,
+) -> dict[str, L.Callback]:
+    """Fit the debug preset on random tokens with every callback; return the callbacks by name."""
+    cbs = callbacks(dirpath, every_n_steps)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=logger,
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=list(cbs.values()), num_sanity_val_steps=0,
+        limit_val_batches=1 if val_every else 0, val_check_interval=val_every, use_distributed_sampler=False,
+    )  # fmt: skip
+    rows = list(torch.randint(0, 256, (steps * global_batch, SEQ + 1), generator=torch.Generator().manual_seed(0)))
+    loader = DataLoader(rows, batch_size=global_batch)  # every rank reads the same batches: pp ranks must
+    module = DeepSeekV3Module(preset="debug", model_overrides=OVERRIDES)
+    trainer.fit(module, loader, loader if val_every else None)
+    return cbs
+
+
+@contextmanager
+def offline_wandb(root: Path) -> Iterator[None]:
+    """W&B in offline mode with every file it writes under `root`; the environment restored after."""
+    env = {
+        "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_CONFIG_DIR": str(root / "config"),
+        "WANDB_CACHE_DIR": str(root / "cache"), "WANDB_DATA_DIR": str(root / "data"), "WANDB_SILENT": "true",
+    }  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def pipeline_run(dirpath: str) -> dict[str, Any]:
+    """On every pool rank: DSV3Strategy pp=2 DualPipeV, two steps, W&B offline on rank 0."""
+    import torch.distributed as dist
+
+    from lightning_dsv3.strategy import DSV3Strategy
+
+    root = Path(dirpath)
+    with offline_wandb(root):
+        logger = WandbLogger(project="callbacks", save_dir=str(root), offline=True)
+        cbs = fit(
+            root, logger, steps=2, every_n_steps=2, strategy=DSV3Strategy(pp=2, schedule="dualpipev"),
+            devices=dist.get_world_size(),
+        )  # fmt: skip
+        if dist.get_rank() == 0:
+            logger.experiment.finish()
+    timeline, experts, memory = cbs["timeline"], cbs["experts"], cbs["memory"]
+    return {
+        "timeline": str(timeline.last_path) if timeline.last_path else None,
+        "layers": list(experts.last),
+        "memory": memory.samples,
+    }
+
+
+# ---- reading an offline W&B run --------------------------------------------------------------------
+def wandb_run_dir(root: Path) -> Path:
+    (run,) = (root / "wandb").glob("offline-run-*")
+    return run
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The history rows of an offline run, read from its run-*.wandb transaction log.
+
+    That file is a LevelDB-style log (the format wandb's own writer uses): a 7-byte header, then 32 KiB
+    blocks of records, each a 7-byte header (checksum, length, type: full, first, middle, last) and a
+    piece of a protobuf `Record`. Nested keys ("img/_type") are joined with "/".
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    raw = path.read_bytes()
+    if raw[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B transaction log")
+    block, pos, pieces, rows = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if kind == 0:
+            break
+        pieces += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last piece of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
+    return rows
+
+
+def wandb_images(run_dir: Path) -> list[str]:
+    """Media image paths of the run, relative to its files folder (key folders included)."""
+    media = run_dir / "files" / "media" / "images"
+    return sorted(str(p.relative_to(run_dir / "files")) for p in media.rglob("*.png"))
+
+
+def csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:
+    import csv
+
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
