@@ -103,7 +103,7 @@ class DeepSeekV3Module(L.LightningModule):
         self.log("val_loss", out.ce, prog_bar=True, batch_size=batch_size, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_ppl", torch.exp(self.val_ce.compute()), sync_dist=False)
+        self.log("val_ppl", torch.exp(self.val_ce.compute()), sync_dist=True)
         self.val_ce.reset()
 
     # ---- aux-loss-free balancing -------------------------------------------------------------
