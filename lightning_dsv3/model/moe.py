@@ -131,6 +131,8 @@ class GroupedExperts(nn.Module):
         """x: (N, dim) tokens sorted by expert; counts: (E,) tokens per expert -> (N, dim)."""
         if self.impl == "loop":
             return self._loop(x, counts)
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # the grouped GEMM takes bf16 operands
+            x = x.to(torch.get_autocast_dtype("cuda"))
         if grouped_mm_available(x):
             offs = counts.cumsum(0).to(torch.int32)
             w1, w2, w3 = (w.to(x.dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
