@@ -3,6 +3,7 @@
   plain  Lightning's default strategy, routed experts as a Python loop over experts
   auto   Lightning's default strategy, routed experts as one grouped GEMM
   dsv3   DSV3Strategy (NCCL on GPUs, gloo on CPU, world of one), grouped GEMM
+  dsv3-padv  the same with V padded to the q/k head dim, so SDPA can take its flash path
 
 For each: the loss of every step, tokens/s (median step time after warm-up), and MFU against the
 bf16 matmul peak measured in the same process. The loss curves of `auto` and `dsv3` should agree
@@ -69,10 +70,15 @@ def matmul_peak_tflops() -> float:
 
 def train(variant: str, args: argparse.Namespace) -> StepTimer:
     L.seed_everything(0)
-    impl = "loop" if variant == "plain" else "grouped"
+    overrides = {
+        "expert_impl": "loop" if variant == "plain" else "grouped",
+        "attn_pad_v": variant.endswith("padv"),
+        "max_seq_len": args.seq_len,
+        "original_seq_len": args.seq_len,
+    }
     module = DeepSeekV3Module(
         preset=args.preset,
-        model_overrides={"expert_impl": impl, "max_seq_len": args.seq_len, "original_seq_len": args.seq_len},
+        model_overrides=overrides,
         lr=args.lr, warmup_steps=5,
     )  # fmt: skip
     data = DSV3DataModule(seq_len=args.seq_len, batch_size=args.batch, max_bytes=16 * 2**20, seed=0)
@@ -80,7 +86,7 @@ def train(variant: str, args: argparse.Namespace) -> StepTimer:
     gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
-        strategy=DSV3Strategy() if variant == "dsv3" else "auto",
+        strategy=DSV3Strategy() if variant.startswith("dsv3") else "auto",
         precision="bf16-mixed" if gpu else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
         use_distributed_sampler=False,  # one process: every variant reads the data module's seeded order
@@ -98,7 +104,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--variants", default="plain,auto,dsv3")
+    parser.add_argument("--variants", default="plain,auto,dsv3,dsv3-padv")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
     args = parser.parse_args()
 

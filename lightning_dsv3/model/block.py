@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_dsv3.config import ModelConfig
 from lightning_dsv3.model.mla import MLA
-from lightning_dsv3.model.moe import MoE, Routing, SwiGLU
+from lightning_dsv3.model.moe import MoE, Routing, SwiGLU, tokens_per_expert
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -86,7 +86,7 @@ class Block(nn.Module):
         state.routing = routing
         state.order = flat.argsort(stable=True)
         state.routed = state.x[state.order // moe.top_k]
-        state.counts = torch.bincount(flat, minlength=moe.n_routed_experts)
+        state.counts = tokens_per_expert(flat, moe.n_routed_experts)
         return state
 
     def dispatch(self, state: LayerState) -> LayerState:

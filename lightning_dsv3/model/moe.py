@@ -79,7 +79,7 @@ class Router(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.training:  # only training tokens drive the bias update
             with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+                self.expert_load += tokens_per_expert(indices, self.n_experts).float()
         return Routing(weights * self.route_scale, indices, scores)
 
     def balance_loss(self, routing: Routing, batch: int) -> torch.Tensor:
@@ -101,6 +101,14 @@ class Router(nn.Module):
         load = self.expert_load if load is None else load
         self.e_score_correction_bias += self.gamma * torch.sign(load.mean() - load)
         self.expert_load.zero_()
+
+
+def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(n_experts,) counts of `indices`; unlike torch.bincount on CUDA, no host synchronisation."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:

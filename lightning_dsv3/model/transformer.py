@@ -161,7 +161,7 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32, device="cpu") * std)
         for _, router in self.routers():
             router.e_score_correction_bias.zero_()
             router.expert_load.zero_()
