@@ -4,6 +4,7 @@
   auto   Lightning's default strategy, routed experts as one grouped GEMM
   dsv3   DSV3Strategy (NCCL on GPUs, gloo on CPU, world of one), grouped GEMM
   dsv3-padv  the same with V padded to the q/k head dim, so SDPA can take its flash path
+  dsv3-compile  dsv3-padv with every decoder layer under torch.compile
 
 For each: the loss of every step, tokens/s (median step time after warm-up), and MFU against the
 bf16 matmul peak measured in the same process. The loss curves of `auto` and `dsv3` should agree
@@ -72,14 +73,14 @@ def train(variant: str, args: argparse.Namespace) -> StepTimer:
     L.seed_everything(0)
     overrides = {
         "expert_impl": "loop" if variant == "plain" else "grouped",
-        "attn_pad_v": variant.endswith("padv"),
+        "attn_pad_v": variant.endswith(("padv", "compile")),
         "max_seq_len": args.seq_len,
         "original_seq_len": args.seq_len,
     }
     module = DeepSeekV3Module(
         preset=args.preset,
         model_overrides=overrides,
-        lr=args.lr, warmup_steps=5,
+        lr=args.lr, warmup_steps=5, compile=variant.endswith("compile"),
     )  # fmt: skip
     data = DSV3DataModule(seq_len=args.seq_len, batch_size=args.batch, max_bytes=16 * 2**20, seed=0)
     timer = StepTimer()
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--variants", default="plain,auto,dsv3,dsv3-padv")
+    parser.add_argument("--variants", default="plain,auto,dsv3,dsv3-padv,dsv3-compile")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
     args = parser.parse_args()
 

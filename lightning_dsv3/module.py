@@ -29,6 +29,7 @@ class DeepSeekV3Module(L.LightningModule):
         warmup_steps: linear warm-up length in optimizer steps.
         min_lr_ratio: the cosine decays to `lr * min_lr_ratio` at the last optimizer step.
         init_seed: the seed of the weight initialisation (each tensor seeded by its name).
+        compile: torch.compile each decoder layer (fuses the norms, rope, routing and casts).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class DeepSeekV3Module(L.LightningModule):
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
         init_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +59,9 @@ class DeepSeekV3Module(L.LightningModule):
         """One initialised model chunk (the whole model by default); the strategy asks for stages."""
         chunk = Transformer(self.config, layer_ids, with_embedding, with_head)
         chunk.init_weights(self.hparams.init_seed)
+        if self.hparams.compile:
+            for block in chunk.all_blocks():
+                block.compile()
         return chunk
 
     def configure_model(self) -> None:

@@ -1,0 +1,96 @@
+"""Where one training step's time goes: torch.profiler over a few steps of the strategy's step.
+
+Prints the kernels that take the most GPU time, the GPU busy fraction of the step (low means the
+host cannot launch fast enough) and the step time, and writes the table to benchmarks/results/.
+
+    python benchmarks/profile_step.py --batch 8 --seq-len 1024          # GPU, mini preset
+    python benchmarks/profile_step.py --preset debug --seq-len 32 --batch 2 --steps 2   # CPU small mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.results_io import markdown_table, write_result
+from lightning_dsv3.config import get_preset
+from lightning_dsv3.model.transformer import Transformer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--pad-v", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config = get_preset(
+        args.preset, max_seq_len=args.seq_len, original_seq_len=args.seq_len, attn_pad_v=args.pad_v
+    )
+    model = Transformer(config)
+    model.init_weights(0)
+    model.to(device)
+    if args.compile:
+        for block in model.blocks():
+            block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model.training_loss(tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    if cuda:  # kernels only: an aten op's device time repeats the time of the kernels it launched
+        averages = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    total_us = sum(getattr(e, key) for e in events)
+    rows = [
+        [
+            e.key[:70],
+            f"{getattr(e, key) / args.steps / 1e3:.2f}",
+            f"{getattr(e, key) / max(total_us, 1):.1%}",
+            e.count // args.steps,
+        ]
+        for e in events[: args.top]
+    ]
+    busy = total_us / args.steps / 1e3
+    what = "GPU kernel time" if cuda else "CPU op time"
+    body = (
+        f"preset {args.preset}, batch {args.batch} x seq {args.seq_len}, pad_v={args.pad_v}, "
+        f"compile={args.compile}; step {step_ms:.1f} ms (profiled), {what} {busy:.1f} ms per step "
+        f"({busy / step_ms:.0%} of the step)\n\n"
+        + markdown_table(["op / kernel", "ms per step", "share", "calls per step"], rows)
+    )
+    write_result(f"profile_step-{args.preset}", body)
+
+
+if __name__ == "__main__":
+    main()
