@@ -45,7 +45,9 @@ def write_result(name: str, body: str, out_dir: Path | None = None) -> Path:
     folder = out_dir or Path(os.environ.get("DSV3_RESULTS_DIR", RESULTS))
     path = folder / f"{name}-{slug}-{today}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    script = Path(sys.argv[0])
+    launcher = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else shlex.quote(sys.argv[0])
+    command = f"python {launcher} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = (
         f"# {name}\n\n- date: {today}\n- device: {device}\n- torch: {torch.__version__}\n"
         f"- command: `{command}`\n\n{body}\n"
