@@ -3,7 +3,7 @@
 Stages hold contiguous layer ranges; the first stage also holds the embedding and the last the final
 norm, the output head and the MTP modules, whose cost is counted. The split minimises the most
 expensive stage (uneven layer counts are fine), from modelled forward FLOPs per token or from
-measured per-layer times passed as `layer_costs`.
+measured per-layer times passed as `layer_costs`. The FLOP model is `lightning_dsv3.flops`.
 """
 
 from __future__ import annotations
@@ -11,33 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lightning_dsv3.config import ModelConfig
-
-
-def layer_flops(config: ModelConfig, layer_id: int, seq_len: int) -> float:
-    """Forward FLOPs per token of one decoder layer: MLA projections, attention, and its FFN."""
-    d, h = config.dim, config.n_heads
-    q = (
-        2 * d * config.q_lora_rank + 2 * config.q_lora_rank * h * config.qk_head_dim
-        if config.q_lora_rank
-        else 2 * d * h * config.qk_head_dim
-    )
-    kv = 2 * d * (config.kv_lora_rank + config.qk_rope_head_dim)
-    kv += 2 * config.kv_lora_rank * h * (config.qk_nope_head_dim + config.v_head_dim)
-    out = 2 * h * config.v_head_dim * d
-    attn = 2 * h * seq_len * (config.qk_head_dim + config.v_head_dim) / 2  # causal: half the scores
-    if config.is_moe_layer(layer_id):
-        experts = config.n_activated_experts + config.n_shared_experts
-        ffn = 6 * d * config.moe_inter_dim * experts + 2 * d * config.n_routed_experts
-    else:
-        ffn = 6 * d * config.inter_dim
-    return float(q + kv + out + attn + ffn)
-
-
-def head_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the output head plus the MTP modules (each a layer and a head)."""
-    head = 2 * config.dim * config.vocab_size
-    mtp = config.mtp_depth * (layer_flops(config, config.n_layers, seq_len) + 4 * config.dim**2 + head)
-    return float(head + mtp)
+from lightning_dsv3.flops import head_flops, layer_flops
 
 
 def partition(
