@@ -27,7 +27,9 @@ from lightning_dsv3.pipeline.overlap import COMM, Chain, Streams, Tape, forward_
 class CopyExchange:
     """Stands in for the all-to-all on one device: copies the payload (the same bytes) through a buffer."""
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(
+        self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         return _Copy.apply(tokens), counts, None
 
     def combine(self, expert_out: torch.Tensor, ctx: Any) -> torch.Tensor:

@@ -25,6 +25,24 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+def command_line() -> str:
+    """The command that started this process, as a reader would retype it.
+
+    `python -m module` when run as a module (the scripts import `benchmarks.*`, so they run from the
+    repository root that way), and torchrun's own command line, with its process counts, when
+    torchrun started it (it sets TORCHELASTIC_RUN_ID in every worker).
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    target = f"-m {spec.name}" if spec is not None else shlex.quote(sys.argv[0])
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    launcher = "python"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ.get("WORLD_SIZE", str(per_node))) // per_node
+        launcher = f"torchrun --nproc_per_node {per_node}" + (f" --nnodes {nodes}" if nodes > 1 else "")
+    return f"{launcher} {target} {args}".rstrip()
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -45,9 +63,7 @@ def write_result(name: str, body: str, out_dir: Path | None = None) -> Path:
     folder = out_dir or Path(os.environ.get("DSV3_RESULTS_DIR", RESULTS))
     path = folder / f"{name}-{slug}-{today}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    script = Path(sys.argv[0])
-    launcher = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else shlex.quote(sys.argv[0])
-    command = f"python {launcher} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     text = (
         f"# {name}\n\n- date: {today}\n- device: {device}\n- torch: {torch.__version__}\n"
         f"- command: `{command}`\n\n{body}\n"

@@ -9,13 +9,23 @@ parameter and per expert, whether or not ZeRO-1 sharded it during training; repl
 written once (DCP dedups identical keys across ranks).
 
 The folder is written under a temporary name and renamed when complete, so a crash mid-save never
-leaves something that looks like a checkpoint.
+leaves something that looks like a checkpoint; a save sweeps away the temporary folders an earlier
+crash left beside it. `meta.pt` is written last and carries a `dsv3` entry: the format version,
+the mesh and the model config that wrote the folder. `verify` checks a folder without reading its
+tensors (meta.pt readable, DCP's index readable, every shard file present and as long as the index
+says), so a truncated copy or a half-deleted folder is refused with the file that is wrong; bit
+flips inside a shard surface when DCP reads it. `resolve` picks what to load: the folder asked
+for, or, when a `last*.ckpt` (what `ckpt_path="last"` finds) is bad, the newest good checkpoint
+beside it, with a warning that names the bad one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +34,30 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
+from lightning_dsv3.config import ModelConfig, ParallelConfig
 from lightning_dsv3.model.moe import MoE
 from lightning_dsv3.parallel.expert import is_expert_param
 from lightning_dsv3.parallel.zero import GradientReducer
 
 META_FILE = "meta.pt"
+INDEX_FILE = ".metadata"  # DCP's index of every stored tensor and where its bytes are
+FORMAT_VERSION = 1  # of the folder layout and the `dsv3` entry of meta.pt; raise it on any change
 _CHUNK_INDEX = re.compile(r"^model\.\d+\.")
+_LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # ModelCheckpoint's save_last names
+_PARTIAL_SUFFIXES = (".tmp", ".old")  # a save in progress, a checkpoint being replaced
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint folder that is incomplete or unreadable; `path` is the file that is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(path, problem)  # both in args, so the error pickles across ranks
+        self.path, self.problem = path, problem
+
+    def __str__(self) -> str:
+        return f"corrupt checkpoint: {self.path} {self.problem}"
 
 
 def canonical_name(name: str) -> str:
@@ -122,24 +149,100 @@ def _full_states(reducer: GradientReducer) -> Iterator[tuple[str, nn.Parameter, 
             )
 
 
+def param_group_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The param groups' hyperparameters (lr, betas, weight decay, ...), which schedulers move.
+
+    The per-parameter state goes through DCP; this small part travels in meta.pt as Lightning's
+    "optimizer_states", so the first step after a resume uses the learning rate it would have used.
+    """
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
+
+
+def _restore_param_groups(optimizer: torch.optim.Optimizer, meta: dict[str, Any], path: Path) -> None:
+    """Put the saved hyperparameters back (a weights-only save has none: the optimizer keeps its own)."""
+    if not meta.get("optimizer_states"):
+        return
+    (saved,) = meta["optimizer_states"]
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"checkpoint {path} holds {len(groups)} optimizer param groups, this optimizer has "
+            f"{len(optimizer.param_groups)}; configure_optimizers must build the groups it was saved with"
+        )
+    for group, hyper in zip(optimizer.param_groups, groups):
+        group.update(hyper)
+
+
+def describe(layout: ParallelConfig, config: ModelConfig) -> dict[str, Any]:
+    """The `dsv3` entry of meta.pt: what wrote the folder, checked again when it is loaded."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "layout": dataclasses.asdict(layout),
+        "model_config": dataclasses.asdict(config),
+    }
+
+
 def save(
     path: Path, module: nn.Module, reducer: GradientReducer | None, meta: dict[str, Any], rank: int
 ) -> None:
-    """Write the checkpoint folder `path` atomically (a collective call on every rank)."""
+    """Write the checkpoint folder `path` atomically (a collective call on every rank).
+
+    Shards go to `<name>.tmp`, then rank 0 writes meta.pt (fsynced) and swaps the folder in by two
+    renames, so `path` is always either the old complete checkpoint or the new one.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partial(path.parent)
     _barrier()
     entries = model_entries(module)
     if reducer is not None:
         entries.update(optimizer_entries(module, reducer))
     dcp.save(entries, checkpoint_id=str(tmp))
     if rank == 0:
-        torch.save(meta, tmp / META_FILE)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp.rename(path)
+        with open(tmp / META_FILE, "wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_in(tmp, path)
     _barrier()
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename `new` to `path`; an existing `path` is moved aside first and removed after."""
+    if not (path.exists() or path.is_symlink()):
+        new.rename(path)
+        return
+    old = path.with_name(path.name + ".old")
+    remove(old)
+    path.rename(old)
+    new.rename(path)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint folder, a symlink to one (save_last="link") or a file; absent is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _is_partial(path: Path) -> bool:
+    """A `.tmp` / `.old` folder holding nothing but what a checkpoint save writes."""
+    if not path.is_dir() or path.is_symlink() or not path.name.endswith(_PARTIAL_SUFFIXES):
+        return False
+    return all(
+        f.name.endswith(".distcp") or f.name.startswith((INDEX_FILE, META_FILE)) for f in path.iterdir()
+    )
+
+
+def sweep_partial(directory: Path) -> list[Path]:
+    """Remove what crashed saves left in `directory` (they are never loaded); returns the removed."""
+    removed = [p for p in directory.iterdir() if _is_partial(p)] if directory.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
 
 
 def _barrier() -> None:
@@ -147,30 +250,154 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / META_FILE).is_file() and (path / ".metadata").is_file()
+def verify(path: Path) -> dict[str, Any]:
+    """Check a checkpoint folder without reading its tensors; returns meta.pt's contents.
+
+    Raises FileNotFoundError when nothing is at `path`, ValueError when it is not a lightning-dsv3
+    checkpoint or is newer than this code, and CorruptCheckpointError naming the file that is
+    missing, unreadable or truncated.
+    """
+    if not (path.exists() or path.is_symlink()):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is a file, not a lightning-dsv3 checkpoint folder; DSV3Strategy loads the folders "
+            "it writes (ModelCheckpoint or trainer.save_checkpoint under DSV3Strategy)"
+        )
+    meta_file, index_file = path / META_FILE, path / INDEX_FILE
+    if not meta_file.is_file():
+        raise CorruptCheckpointError(meta_file, "is missing (the save did not finish or the copy is partial)")
+    try:
+        meta = torch.load(meta_file, weights_only=False)
+    except Exception as err:
+        raise CorruptCheckpointError(meta_file, f"cannot be read ({type(err).__name__}: {err})") from err
+    info = meta.get("dsv3") if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or "format_version" not in info:
+        raise CorruptCheckpointError(meta_file, "holds no `dsv3` entry (format version, mesh, model config)")
+    if info["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format version {info['format_version']}; this lightning-dsv3 reads up "
+            f"to version {FORMAT_VERSION}: upgrade lightning-dsv3 to load it"
+        )
+    if not index_file.is_file():
+        raise CorruptCheckpointError(index_file, "is missing (DCP's index of the stored tensors)")
+    try:
+        index = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CorruptCheckpointError(index_file, f"cannot be read ({type(err).__name__}: {err})") from err
+    needed: dict[str, int] = {}
+    for item in (index.storage_data or {}).values():
+        end = item.offset + item.length
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CorruptCheckpointError(shard, f"is missing ({INDEX_FILE} lists it)")
+        size = shard.stat().st_size
+        if size < end:
+            raise CorruptCheckpointError(shard, f"is truncated: {size} bytes, {INDEX_FILE} needs {end}")
+    return meta
+
+
+def _step_of(meta: dict[str, Any]) -> int:
+    return int(meta.get("global_step", -1))
+
+
+def newest_good(directory: Path, skip: Path | None = None) -> tuple[Path | None, list[str]]:
+    """The good checkpoint of `directory` with the highest step (then the newest), and why others failed.
+
+    Temporary folders of a save in progress are never candidates.
+    """
+    found: list[tuple[int, float, Path]] = []
+    problems: list[str] = []
+    for candidate in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if candidate == skip or candidate.name.endswith(_PARTIAL_SUFFIXES) or not candidate.is_dir():
+            continue
+        try:
+            meta = verify(candidate)
+        except (CorruptCheckpointError, ValueError) as err:
+            problems.append(str(err))
+            continue
+        found.append((_step_of(meta), candidate.stat().st_mtime, candidate))
+    return (max(found)[2] if found else None), problems
+
+
+def resolve(path: Path) -> Path:
+    """What to load for `path`: `path` itself when it verifies.
+
+    When it does not and it is a `last*.ckpt` (what `ckpt_path="last"` resolves to), the newest good
+    checkpoint beside it is returned instead, with a warning that names the bad one; with none good,
+    the error about `path` is raised. Any other bad path raises its error.
+    """
+    try:
+        verify(path)
+        return path
+    except (CorruptCheckpointError, ValueError) as err:
+        if not _LAST.match(path.name):
+            raise
+        fallback, problems = newest_good(path.parent, skip=path)
+        if fallback is None:
+            raise
+        warnings.warn(
+            f"{err}; resuming from the newest good checkpoint beside it, {fallback}"
+            + (f" (also unusable: {'; '.join(problems)})" if problems else ""),
+            stacklevel=2,
+        )
+        return fallback
 
 
 @torch.no_grad()
-def load(path: Path, module: nn.Module, reducer: GradientReducer | None) -> dict[str, Any]:
-    """Load the model (and optimizer) state this rank holds from `path`; returns the Lightning meta."""
-    if not is_checkpoint(path):
-        raise FileNotFoundError(
-            f"{path} is not a lightning-dsv3 checkpoint folder (it needs {META_FILE} and DCP's .metadata); "
-            "pass the folder ModelCheckpoint or trainer.save_checkpoint wrote"
-        )
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+def load(
+    path: Path, module: nn.Module, reducer: GradientReducer | None, config: ModelConfig
+) -> dict[str, Any]:
+    """Load the model (and optimizer) state this rank holds from `path`; returns the Lightning meta.
+
+    The folder is verified first; a checkpoint of another model (a name this model needs is absent,
+    or stored with another shape) is refused with the config fields that differ.
+    """
+    meta = verify(path)
+    index = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     entries = _model_copies(module)
-    missing = sorted(k for k in entries if k not in stored)
-    if missing:
-        raise KeyError(
-            f"checkpoint {path} lacks {len(missing)} entries this model needs, e.g. {missing[:3]}; "
-            "was it written for another preset or model_overrides?"
+    missing = sorted(k for k in entries if k not in index)
+    reshaped = sorted(
+        k for k, copies in entries.items() if k in index and tuple(index[k].size) != tuple(copies[0].shape)
+    )
+    if missing or reshaped:
+        what = f"lacks {len(missing)} entries this model needs, e.g. {missing[:3]}" if missing else ""
+        if reshaped:
+            key = reshaped[0]
+            what += " and " if what else ""
+            what += (
+                f"stores {len(reshaped)} with another shape, e.g. {key}: {tuple(index[key].size)}, "
+                f"here {tuple(entries[key][0].shape)}"
+            )
+        diff = _config_diff(meta["dsv3"]["model_config"], config)
+        if not diff:
+            raise CorruptCheckpointError(
+                path / INDEX_FILE, f"disagrees with its meta.pt's model config: it {what}"
+            )
+        raise ValueError(
+            f"checkpoint {path} was written for another model: it {what}; it was saved with {diff}; build "
+            "the module with the checkpoint's preset and model_overrides"
         )
-    _load_copies(path, entries)
-    if reducer is not None:
-        _load_optimizer(path, module, reducer, stored)
-    return torch.load(path / META_FILE, weights_only=False)
+    try:
+        _load_copies(path, entries)
+        if reducer is not None:
+            _load_optimizer(path, module, reducer, index)
+            _restore_param_groups(reducer.optimizer, meta, path)
+    except (RuntimeError, OSError, EOFError, CheckpointException) as err:
+        raise CorruptCheckpointError(
+            path, f"has a shard that cannot be read ({type(err).__name__}: {err})"
+        ) from err
+    return meta
+
+
+def _config_diff(stored: dict[str, Any], config: ModelConfig) -> str:
+    """The model config fields in which `stored` differs from `config` ("" when none does)."""
+    ours = dataclasses.asdict(config)
+    return ", ".join(
+        f"{k}={stored[k]!r} (this model: {ours[k]!r})" for k in ours if k in stored and stored[k] != ours[k]
+    )
 
 
 def _load_optimizer(path: Path, module: nn.Module, reducer: GradientReducer, stored: dict[str, Any]) -> None:

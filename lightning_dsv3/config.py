@@ -15,6 +15,8 @@ from typing import Any, Literal
 ScoreFunc = Literal["sigmoid", "softmax"]
 Schedule = Literal["dualpipe", "dualpipev", "1f1b", "zb1p", "interleaved_1f1b", "gpipe"]
 SCHEDULES: tuple[str, ...] = ("dualpipe", "dualpipev", "1f1b", "zb1p", "interleaved_1f1b", "gpipe")
+# what each layer recomputes in backward instead of keeping (model/block.py, model/mla.py)
+CHECKPOINTING: tuple[str, ...] = ("none", "attention", "mlp", "layer", "selective")
 
 
 @dataclass
@@ -68,6 +70,11 @@ class ModelConfig:
     # misc
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # activation checkpointing, one of CHECKPOINTING: "attention" recomputes the attention part (norms,
+    # MLA, residual), "mlp" the experts or dense MLP, "layer" both; "selective" (DeepSeek-V3's choice)
+    # recomputes the RMSNorm and the MLA projections ahead of the attention kernel. None crosses the
+    # expert all-to-all, so recomputation never repeats a collective.
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -119,6 +126,11 @@ class ModelConfig:
                 f"n_activated_experts={self.n_activated_experts}; raise n_limited_groups",
             )
         need(self.rope_factor >= 1.0, f"rope_factor={self.rope_factor} must be >= 1")
+        need(
+            self.activation_checkpointing in CHECKPOINTING,
+            f"activation_checkpointing={self.activation_checkpointing!r} is not an option; choose one of "
+            f"{CHECKPOINTING}",
+        )
         need(
             self.expert_impl in ("grouped", "loop"),
             f"expert_impl must be 'grouped' or 'loop', got {self.expert_impl!r}",
@@ -228,6 +240,12 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """A copy of the named preset with `overrides` applied (and validated)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(
+            f"ModelConfig has no field {', '.join(map(repr, unknown))}; model_overrides may set "
+            f"{sorted(f.name for f in dataclasses.fields(ModelConfig))}"
+        )
     return PRESETS[name].replace(**overrides)
 
 
@@ -237,6 +255,14 @@ class ParallelConfig:
 
     `dp=None` is inferred from the world size. World = pp * dp * ep; ep is the innermost mesh
     dimension. `n_microbatches` micro-batches of the per-rank batch go through the pipeline each step.
+
+    Communication: `dispatch_codec` packs the expert dispatch payload ("fp8" or "int8", one scale per
+    128 channels; its gradient travels exact unless `quantize_dispatch_grad`); `grad_codec` compresses
+    the data-parallel gradient reduction ("topk" or "powersgd", keyword arguments of TopKCodec /
+    PowerSGDCodec in `grad_codec_options`); `ranks_per_node` says how many consecutive ranks share a
+    node, and when an ep group spans nodes its dispatch goes in two hops (`hierarchical_dispatch`,
+    default on then) and `max_nodes_per_token` limits each token's experts to that many nodes;
+    `bucket_bytes` caps the gradient buckets. See `lightning_dsv3.parallel.comm`.
     """
 
     pp: int = 1
@@ -246,6 +272,13 @@ class ParallelConfig:
     n_microbatches: int | None = None
     zero: bool = True
     dispatch_codec: str | None = None  # payload codec of the expert dispatch ("fp8", "int8"), None = off
+    quantize_dispatch_grad: bool = False  # pack the dispatch's gradient too (default: exact)
+    grad_codec: str | None = None  # "topk" or "powersgd" for data-parallel reductions, None = exact
+    grad_codec_options: dict[str, Any] = field(default_factory=dict)
+    ranks_per_node: int | None = None  # None: devices per node on several nodes, else all on one node
+    max_nodes_per_token: int | None = None  # node-limited routing (None: off)
+    hierarchical_dispatch: bool | None = None  # None: when the ep group spans nodes
+    bucket_bytes: int | None = None  # gradient bucket cap (None: from the network probe, else no cap)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -258,6 +291,25 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.n_microbatches is not None and self.n_microbatches < 1:
             raise ValueError(f"ParallelConfig: n_microbatches must be >= 1, got {self.n_microbatches}")
+        choices = {"dispatch_codec": (None, "fp8", "int8"), "grad_codec": (None, "topk", "powersgd")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ParallelConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in ("ranks_per_node", "max_nodes_per_token", "bucket_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ParallelConfig: {name} must be >= 1 (or None), got {value}")
+        if self.grad_codec_options and self.grad_codec is None:
+            raise ValueError("ParallelConfig: grad_codec_options were given without a grad_codec; name one")
+        if self.ranks_per_node is not None:
+            rpn, ep = self.ranks_per_node, self.ep
+            if (ep % rpn if rpn < ep else rpn % ep) != 0:
+                raise ValueError(
+                    f"ParallelConfig: ranks_per_node={rpn} and ep={ep} cut expert groups unevenly "
+                    "across nodes; one must divide the other"
+                )
 
     def resolve(self, world_size: int) -> ParallelConfig:
         """Fill in dp from the world size, or explain why the mesh cannot cover it."""

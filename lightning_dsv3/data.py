@@ -7,8 +7,10 @@ be named instead. Tokens are UTF-8 bytes by default (vocab 256, nothing to train
 `tokenizers` tokenizer.json can be named with `tokenizer_path`.
 
 Each split's token stream is cut into non-overlapping windows of seq_len + 1 tokens and held as a
-map-style dataset, so the DistributedSampler that Lightning injects under data parallelism gives
-every data-parallel rank its own slice of the global batch.
+map-style dataset. The training loader is resumable: its sampler (a DistributedSampler, so Lightning
+injects none) shuffles the windows by seed and epoch and deals them to the data-parallel ranks, and
+its position in the epoch is saved in Lightning's checkpoints, so a resumed run reads exactly the
+batches an uninterrupted one would have read, on the same mesh or another one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # Directories left out of the default corpus: installed packages and the test suites are most of the
 # standard library's bytes on some installs and would make the corpus depend on what is installed.
@@ -113,6 +116,94 @@ class TokenWindows(Dataset[torch.Tensor]):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         start = index * self.window
         return self.tokens[start : start + self.window].long()
+
+
+class ResumableSampler(DistributedSampler):
+    """Windows shuffled by (seed, epoch), dealt round-robin to `num_replicas` ranks, from any position.
+
+    An epoch is one permutation of the dataset; `start` windows of it (counted over every rank) are
+    skipped, and rank r reads every num_replicas-th of the rest from its r-th. The consumed prefix is
+    the same set whatever the number of replicas, which is what lets a run resume on another mesh.
+    `start` applies to the epoch it was set for: `set_epoch` to another epoch clears it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.start = 0
+
+    def permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        rest = self.permutation()[self.start :]
+        return iter(rest[self.rank : len(rest) // self.num_replicas * self.num_replicas : self.num_replicas])
+
+    def __len__(self) -> int:
+        return (len(self.dataset) - self.start) // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader whose position in the epoch is saved in Lightning's checkpoints.
+
+    Lightning saves `state_dict()` of every train loader that has one (fit loop, "combined_loader")
+    and hands it back to `load_state_dict` before iterating on resume. The position counts windows
+    of the epoch's permutation consumed by all ranks together, advanced as batches are handed to the
+    training loop (not as workers prefetch them). While a resumed epoch runs, `len()` is what is
+    left of it, so Lightning's last-batch bookkeeping sees the true end.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, sampler: ResumableSampler, num_workers: int
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+        self._position = (sampler.epoch, 0)  # (epoch, windows consumed by all ranks)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        sampler = self.sampler
+        epoch, consumed = sampler.epoch, sampler.start
+        per_batch = self.batch_size * sampler.num_replicas
+        self._position = (epoch, consumed)
+        for batch in super().__iter__():
+            consumed += per_batch
+            self._position = (epoch, consumed)
+            yield batch
+        sampler.start = 0  # a finished pass: the next one starts at the top
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, consumed = self._position
+        if epoch != self.sampler.epoch:  # set_epoch moved on before this epoch's first batch
+            epoch, consumed = self.sampler.epoch, self.sampler.start
+        return {"epoch": epoch, "consumed": consumed, "windows": len(self.dataset), "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        epoch, consumed = state["epoch"], state["consumed"]
+        if (state["windows"], state["seed"]) != (len(self.dataset), sampler.seed):
+            rank_zero_warn(
+                f"the checkpoint's data position is for {state['windows']} windows shuffled with seed "
+                f"{state['seed']}, this data has {len(self.dataset)} with seed {sampler.seed}: the resumed "
+                f"run continues epoch {epoch} at the same position, but not with the same batches"
+            )
+        if len(self.dataset) - consumed < sampler.num_replicas * self.batch_size:
+            epoch, consumed = epoch + 1, 0  # saved at the end of an epoch
+        sampler.set_epoch(epoch)
+        sampler.start = min(consumed, len(self.dataset))
+        self._position = (epoch, sampler.start)
 
 
 def is_validation(name: str, val_fraction: float) -> bool:
@@ -219,9 +310,10 @@ class DSV3DataModule(L.LightningDataModule):
     probability `val_fraction` (the last document if none does); a single document is split by
     position instead, its last `val_fraction` of tokens for validation.
 
-    Batches are (batch_size, seq_len + 1) int64 tensors, `batch_size` per process; the train loader
-    shuffles with a generator seeded from `seed` and drops the last partial batch. Under data
-    parallelism Lightning swaps in a DistributedSampler, seeded by `seed_everything`.
+    Batches are (batch_size, seq_len + 1) int64 tensors, `batch_size` per process. The train loader
+    shuffles by `seed` and the epoch, deals the windows to the strategy's data-parallel ranks
+    (`distributed_sampler_kwargs`; Lightning injects no sampler of its own), drops the last partial
+    batch, and resumes mid-epoch from a checkpoint (see `ResumableLoader`).
     """
 
     def __init__(
@@ -351,10 +443,7 @@ class DSV3DataModule(L.LightningDataModule):
         )
 
         # With drop_last, fewer windows than one batch on every data-parallel rank is an empty epoch.
-        sampler_kwargs = (
-            getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
-        )
-        replicas = (sampler_kwargs or {}).get("num_replicas", 1)
+        replicas = self._data_parallel()[0]
         n_train_windows = train_tokens.numel() // window
         if n_train_windows < self.batch_size * replicas:
             raise ValueError(
@@ -373,17 +462,18 @@ class DSV3DataModule(L.LightningDataModule):
                 f"sample; {fix}"
             )
 
-    def train_dataloader(self) -> DataLoader[torch.Tensor]:
-        """Shuffled (seeded) windows, the last partial batch dropped so every step has one shape."""
-        return DataLoader(
-            self._built(self.train_dataset),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _data_parallel(self) -> tuple[int, int]:
+        """(replicas, this rank's replica) of the strategy's data parallelism; (1, 0) without one."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        return (kwargs or {}).get("num_replicas", 1), (kwargs or {}).get("rank", 0)
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled (seeded) windows of this rank, the last partial batch dropped so every step has one
+        shape; resumable mid-epoch."""
+        dataset = self._built(self.train_dataset)
+        replicas, rank = self._data_parallel()
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed)
+        return ResumableLoader(dataset, self.batch_size, sampler, self.num_workers)
 
     def val_dataloader(self) -> DataLoader[torch.Tensor]:
         """Every validation window in order."""

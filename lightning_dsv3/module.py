@@ -30,6 +30,8 @@ class DeepSeekV3Module(L.LightningModule):
         min_lr_ratio: the cosine decays to `lr * min_lr_ratio` at the last optimizer step.
         init_seed: the seed of the weight initialisation (each tensor seeded by its name).
         compile: torch.compile each decoder layer (fuses the norms, rope, routing and casts).
+        check_token_ids: refuse a batch holding a token id the embedding cannot hold, with the id;
+            None checks batches on the CPU only, since reading the maximum id syncs with a GPU.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class DeepSeekV3Module(L.LightningModule):
         min_lr_ratio: float = 0.1,
         init_seed: int = 0,
         compile: bool = False,
+        check_token_ids: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -73,15 +76,18 @@ class DeepSeekV3Module(L.LightningModule):
     # ---- steps -------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """batch: (batch, seq + 1) token ids."""
+        self.check_tokens(batch)
         out = self.model.training_loss(batch)
         self.log_losses(out, "train", batch_size=batch.shape[0])
         return out.loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.check_tokens(batch)
         out = self.model.training_loss(batch)
         self.record_validation(out, batch_size=batch.shape[0])
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.check_tokens(batch)
         out = self.model.training_loss(batch)
         self.log("test_loss", out.ce, batch_size=batch.shape[0], sync_dist=True)
 
@@ -117,9 +123,17 @@ class DeepSeekV3Module(L.LightningModule):
 
         The strategy sums the counts over every rank that routes tokens of the layer (and over the
         pipeline copies of the layer), so replicas keep identical biases;
-        max violation = max load / mean load - 1.
+        max violation = max load / mean load - 1. When the strategy skips a non-finite step, the bias
+        stays and the step's counts are dropped.
         """
         routers = {name: router for chunk in self.chunks() for name, router in chunk.routers()}
+        guard = getattr(self.trainer.strategy, "nonfinite", None)
+        if guard is not None and guard.enabled:
+            self.log("nonfinite/skipped_steps", float(guard.skipped), batch_size=1)
+            if guard.skip_step:
+                for router in routers.values():
+                    router.expert_load.zero_()
+                return
         loads = {name: router.expert_load.clone() for name, router in routers.items()}
         reduce = getattr(self.trainer.strategy, "reduce_expert_loads", None)
         if reduce is not None:
@@ -166,15 +180,39 @@ class DeepSeekV3Module(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
-        """Refuse data whose token ids the embedding cannot hold, before the first step."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def setup(self, stage: str) -> None:
+        """Refuse data the model cannot take, before the first step (`DSV3Strategy` checks earlier)."""
+        self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Raise ValueError if the data module's token ids or sequence length do not fit the model."""
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.config.vocab_size:
             raise ValueError(
                 f"the data's tokenizer has {vocab} token ids but the model's vocab_size is "
                 f"{self.config.vocab_size}; pass model_overrides={{'vocab_size': {vocab}}} "
                 "or another tokenizer"
+            )
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"the data's seq_len={seq_len} exceeds the model's max_seq_len={self.config.max_seq_len} "
+                f"(the length of its rotary table); pass model_overrides={{'max_seq_len': {seq_len}}} "
+                "(with rope_factor > 1 to extend by YaRN) or a smaller seq_len"
+            )
+
+    def check_tokens(self, batch: torch.Tensor) -> None:
+        """Raise ValueError naming a token id of `batch` outside [0, vocab_size) (see check_token_ids)."""
+        check = self.hparams.check_token_ids
+        if check is False or (check is None and batch.device.type != "cpu"):
+            return
+        low, high = int(batch.min()), int(batch.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"the batch holds token id {bad}, outside the model's vocabulary of "
+                f"{self.config.vocab_size} ids [0, {self.config.vocab_size}); check the tokenizer against "
+                "model_overrides['vocab_size']"
             )
 
 

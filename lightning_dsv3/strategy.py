@@ -12,8 +12,6 @@ accumulation, clipping, LR schedulers and callbacks working unchanged.
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -33,15 +31,24 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 
 from lightning_dsv3 import checkpoint as ckpt
+from lightning_dsv3 import faults
 from lightning_dsv3.config import ParallelConfig
+from lightning_dsv3.faults import NonFinitePolicy, collective
 from lightning_dsv3.model.transformer import LossOutput
-from lightning_dsv3.parallel.expert import is_expert_param, shard_experts
+from lightning_dsv3.parallel.comm import (
+    Communication,
+    make_grad_codec,
+    setup_communication,
+    validate_node_layout,
+)
+from lightning_dsv3.parallel.expert import is_expert_param
 from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
+from lightning_dsv3.parallel.telemetry import Link
 from lightning_dsv3.parallel.zero import GradientReducer, ReduceGroup
 from lightning_dsv3.pipeline.runtime import PipelineRuntime, forward_schedule
 from lightning_dsv3.pipeline.schedules import make_schedule
@@ -60,8 +67,26 @@ class DSV3Strategy(ParallelStrategy):
         n_microbatches: micro-batches per step and rank (default: 1 without a pipeline).
         zero: shard optimizer state and fp32 master weights over the gradient-reducing groups (ZeRO-1).
         dispatch_codec: compress the expert dispatch payload ("fp8", "int8"); None sends it as is.
+            With the network probed, a payload goes compressed only where that is faster.
+        quantize_dispatch_grad: compress the dispatch's gradient too (default: exact, straight-through).
+        grad_codec: compress data-parallel gradient reductions ("topk" or "powersgd", with error
+            feedback); grad_codec_options: keyword arguments of TopKCodec / PowerSGDCodec, e.g.
+            {"ratio": 0.01} or {"rank": 4, "start_iter": 100}. Works with and without ZeRO-1.
+        ranks_per_node: consecutive ranks that share a node (None: the devices per node on several
+            nodes, one node otherwise). An ep group spanning nodes dispatches in two hops (across
+            nodes, then within) unless hierarchical_dispatch=False.
+        max_nodes_per_token: node-limited routing, each token's experts on at most this many nodes.
+        bucket_bytes: cap on a gradient bucket (None: chosen by the network probe, or no cap).
+        probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
+            dispatch compression pays (None: on GPUs only).
         start_method: how `devices=N` processes start on one machine when no launcher made them:
             "popen" (re-run the script, like Lightning's "ddp"), "spawn" or "fork".
+        timeout: how long any collective of the mesh's groups waits for its peers before it fails
+            (a `faults.CollectiveError` naming the operation, the group and its ranks).
+        nonfinite: what an optimizer step with a non-finite loss or reduced gradient does: "skip" it
+            on every rank (counted as `nonfinite/skipped_steps`), "raise" at once, or "off" (no
+            check; it costs one small all-reduce and a host sync per step). max_consecutive_nonfinite:
+            under "skip", stop after this many non-finite steps in a row. See `lightning_dsv3.faults`.
     """
 
     strategy_name = "dsv3"
@@ -75,6 +100,14 @@ class DSV3Strategy(ParallelStrategy):
         n_microbatches: int | None = None,
         zero: bool = True,
         dispatch_codec: str | None = None,
+        quantize_dispatch_grad: bool = False,
+        grad_codec: str | None = None,
+        grad_codec_options: dict[str, Any] | None = None,
+        ranks_per_node: int | None = None,
+        max_nodes_per_token: int | None = None,
+        hierarchical_dispatch: bool | None = None,
+        bucket_bytes: int | None = None,
+        probe_network: bool | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -83,6 +116,8 @@ class DSV3Strategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
+        nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -93,13 +128,24 @@ class DSV3Strategy(ParallelStrategy):
         )
         self.parallel_config = ParallelConfig(
             pp=pp, dp=dp, ep=ep, schedule=schedule, n_microbatches=n_microbatches, zero=zero,
-            dispatch_codec=dispatch_codec,
+            dispatch_codec=dispatch_codec, quantize_dispatch_grad=quantize_dispatch_grad,
+            grad_codec=grad_codec, grad_codec_options=grad_codec_options or {}, ranks_per_node=ranks_per_node,
+            max_nodes_per_token=max_nodes_per_token, hierarchical_dispatch=hierarchical_dispatch,
+            bucket_bytes=bucket_bytes,
         )  # fmt: skip
+        make_grad_codec(grad_codec, grad_codec_options or {})  # refuse bad options now
         if start_method not in ("popen", "spawn", "fork"):
             raise ValueError(f"start_method must be 'popen', 'spawn' or 'fork', got {start_method!r}")
         self._start_method = start_method
         self._process_group_backend = process_group_backend
+        if timeout is not None and timeout.total_seconds() <= 0:
+            raise ValueError(
+                f"timeout must be a positive timedelta (or None for torch's default), got {timeout}"
+            )
         self._timeout = timeout
+        self.nonfinite = faults.NonFiniteGuard(nonfinite, max_consecutive_nonfinite)
+        self._probe_network = probe_network
+        self.comm: Communication | None = None
         self.mesh: ParallelMesh | None = None
         self.reducer: GradientReducer | None = None
         self.plan: StagePlan | None = None
@@ -164,12 +210,25 @@ class DSV3Strategy(ParallelStrategy):
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
+        if (store := faults.restart_store(self._timeout)) is not None:
+            kwargs["store"] = store
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.mesh = build_mesh(self.parallel_config, self.world_size, device_type_of(self.root_device))
+        if self._timeout is not None and self.mesh.device_mesh is not None:
+            faults.set_group_timeouts(
+                (self.mesh.group(g) for g in ("pp", "dp", "ep", "dp_ep")), self._timeout
+            )
 
     def _validate(self, world_size: int) -> None:
-        """Every check that needs no process group: the mesh against the world and the model."""
+        """Every check that needs no process group: the mesh against the world, the model and the data."""
         config = self.parallel_config.resolve(world_size)
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "DSV3Strategy runs backward inside its training step, where a precision plugin's gradient "
+                "scaler cannot scale the loss (precision='16-mixed'); use precision='bf16-mixed', "
+                "'bf16-true' or '32-true'"
+            )
+        self.module.check_data(getattr(self.module._trainer, "datamodule", None))
         if config.pp > 1:
             schedule = make_schedule(config.schedule, config.pp, self.n_microbatches())
             self.plan = StagePlan.build(self.module.config, schedule)
@@ -179,6 +238,13 @@ class DSV3Strategy(ParallelStrategy):
                 f"ep={config.ep} does not divide n_routed_experts={n_experts}; choose an ep among "
                 f"{[d for d in range(1, n_experts + 1) if n_experts % d == 0]}"
             )
+        validate_node_layout(config, self.module.config, self._ranks_per_node())
+
+    def _ranks_per_node(self) -> int | None:
+        """As given, else the devices per node when there are several nodes (None: one node)."""
+        if self.parallel_config.ranks_per_node is not None:
+            return self.parallel_config.ranks_per_node
+        return self.num_processes if self.num_nodes > 1 else None
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -217,8 +283,12 @@ class DSV3Strategy(ParallelStrategy):
         mesh = self._require_mesh()
         module = self.module
         module.configure_model()
+        probe = self.root_device.type == "cuda" if self._probe_network is None else self._probe_network
+        self.comm = setup_communication(
+            mesh.config, mesh, module.config, self.root_device, self._ranks_per_node(), probe, rank_zero_info
+        )
         for chunk in module.chunks():
-            shard_experts(chunk, mesh.group("ep"), mesh.ep, mesh.ep_rank)
+            self.comm.install(chunk, mesh)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.plan is not None:
@@ -244,17 +314,19 @@ class DSV3Strategy(ParallelStrategy):
                 f"DSV3Strategy supports one optimizer, configure_optimizers returned {len(self.optimizers)}"
             )
         mesh = self._require_mesh()
-        groups = {
-            "dense": ReduceGroup("dense", mesh.group("dp_ep"), mesh.data_size, mesh.data_rank),
-            "expert": ReduceGroup("expert", mesh.group("dp"), mesh.dp, mesh.dp_rank),
-        }
+        dense = ReduceGroup("dp_ep", mesh.group("dp_ep"), mesh.data_size, mesh.data_rank)
+        expert = ReduceGroup("dp", mesh.group("dp"), mesh.dp, mesh.dp_rank)
+        comm = self._require_comm()
         self.reducer = GradientReducer(
             self.model.named_parameters(),
             self.optimizers[0],
-            group_of=lambda name: groups["expert" if is_expert_param(name) else "dense"],
+            group_of=lambda name: expert if is_expert_param(name) else dense,
             n_data_slices=mesh.data_size,
             zero=self.parallel_config.zero,
             copies=self._copies_of,
+            codec=comm.grad_codec,
+            bucket_bytes=comm.bucket_bytes,
+            telemetry=comm.telemetry,
         )
 
     def _copies_of(self, name: str) -> int:
@@ -282,6 +354,7 @@ class DSV3Strategy(ParallelStrategy):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Forward and backward of every micro-batch; returns the detached global objective."""
         module = self.module
+        module.check_tokens(batch)
         micro = self.split_microbatches(batch)
         if batch_idx % self._accumulation() == 0:
             # Lightning zeroes gradients after the training step; ours run backward inside it
@@ -302,6 +375,7 @@ class DSV3Strategy(ParallelStrategy):
         global_batch = batch.shape[0] * self._require_mesh().data_size
         module.log_reduced_losses("train", ce, mtp, batch_size=global_batch)
         self._park_gradients()
+        self.nonfinite.observe_loss(loss)
         return loss
 
     def _park_gradients(self) -> None:
@@ -315,6 +389,7 @@ class DSV3Strategy(ParallelStrategy):
     def _eval_step(self, batch: Tensor) -> LossOutput:
         """Forward-only pass over the pipeline (or the whole model) -> the global losses."""
         module = self.module
+        module.check_tokens(batch)
         if self.runtime is None:
             outs = [module.model.training_loss(batch)]
             n = 1
@@ -352,7 +427,8 @@ class DSV3Strategy(ParallelStrategy):
             mtp = [m.float() for m in o.mtp] + [torch.zeros((), device=device)] * (depth - len(o.mtp))
             values += torch.stack([o.loss.detach().float(), o.ce.float(), *mtp])
         if _distributed_is_initialized() and self.world_size > 1:
-            dist.all_reduce(values)
+            with collective("loss all_reduce", None, "world"):
+                dist.all_reduce(values)
         values /= n_micro * self._require_mesh().data_size
         return values[0], values[1], list(values[2:])
 
@@ -367,19 +443,34 @@ class DSV3Strategy(ParallelStrategy):
         return closure_loss
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        """Reduce gradients right after the step's last backward, then clip and step; ZeRO gathers after."""
+        """Reduce gradients right after the step's last backward, then clip and step; ZeRO gathers after.
+
+        A step whose loss or reduced gradients are not finite is skipped on every rank (see `nonfinite`):
+        its gradients are dropped before clipping, so the optimizer leaves every parameter as it was.
+        """
+        mesh = self._require_mesh()
 
         def closure_then_reduce() -> Any:
             result = closure()
             if self.tied is not None:
-                self.tied.sync(self.tied.grads_by_name(self.module.chunks()))
+                with collective("tied-copy gradient sync", mesh.group("pp"), "pp"):
+                    self.tied.sync(self.tied.grads_by_name(self.module.chunks()))
             if self.reducer is not None:
-                self.reducer.reduce_gradients()
+                with collective("gradient reduction", mesh.group("dp_ep"), "dp_ep (dense) and dp (experts)"):
+                    self.reducer.reduce_gradients()
+                step = self.lightning_module.trainer.global_step
+                if self.nonfinite.check(faults.reduced_gradients(self.reducer), step):
+                    faults.drop_gradients(self.model, self.reducer)
             return result
 
         out = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
         if self.reducer is not None:
-            self.reducer.gather_parameters()
+            with collective(
+                "ZeRO-1 parameter all_gather", mesh.group("dp_ep"), "dp_ep (dense) and dp (experts)"
+            ):
+                self.reducer.gather_parameters()
+        if self.comm is not None:
+            self.comm.telemetry.end_step()
         return out
 
     def clip_gradients_by_global_norm(self, max_norm: float) -> Tensor:
@@ -387,7 +478,8 @@ class DSV3Strategy(ParallelStrategy):
         assert self.reducer is not None
         sq = self.reducer.grad_norm_sq_owned()
         if _distributed_is_initialized() and self.world_size > 1:
-            dist.all_reduce(sq)
+            with collective("gradient norm all_reduce", None, "world"):
+                dist.all_reduce(sq)
         norm = sq.sqrt()
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         self.reducer.scale_gradients(factor)
@@ -407,7 +499,8 @@ class DSV3Strategy(ParallelStrategy):
         return {}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        return {}
+        """The param groups' hyperparameters only: `save_checkpoint` writes the rest through DCP."""
+        return ckpt.param_group_state(optimizer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Write a sharded checkpoint folder at `filepath` (every rank takes part)."""
@@ -416,14 +509,27 @@ class DSV3Strategy(ParallelStrategy):
                 "DSV3Strategy writes checkpoints through torch.distributed.checkpoint; drop storage_options"
             )
         path = Path(self.broadcast(str(filepath)))
-        meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        meta["dsv3_layout"] = dataclasses.asdict(self._require_mesh().config)
+        meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        meta["dsv3"] = ckpt.describe(self._require_mesh().config, self.module.config)
         ckpt.save(path, self.model, self.reducer, meta, self.global_rank)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load this rank's part of a checkpoint written on any mesh; returns Lightning's remaining state."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        return ckpt.load(path, self.model, self.reducer)
+        """Load this rank's part of a checkpoint written on any mesh; returns Lightning's remaining state.
+
+        Rank 0 picks the folder (`checkpoint.resolve`: a corrupt `last.ckpt`, what `ckpt_path="last"`
+        finds, falls back to the newest good checkpoint beside it) and every rank loads it, or every
+        rank raises rank 0's error.
+        """
+        chosen: tuple[str | None, Exception | None] = (None, None)
+        if self.is_global_zero:
+            try:
+                chosen = (str(ckpt.resolve(Path(checkpoint_path))), None)
+            except (OSError, ValueError, RuntimeError) as err:
+                chosen = (None, err)
+        path, error = self.broadcast(chosen)
+        if error is not None:
+            raise error
+        return ckpt.load(Path(path), self.model, self.reducer, self.module.config)
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         """Already loaded by `load_checkpoint`."""
@@ -432,9 +538,9 @@ class DSV3Strategy(ParallelStrategy):
         """Already loaded by `load_checkpoint`."""
 
     def remove_checkpoint(self, filepath: Any) -> None:
+        """ModelCheckpoint's retention (save_top_k) removes folders, and save_last="link" symlinks."""
         if self.is_global_zero:
-            path = Path(filepath)
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            ckpt.remove(Path(filepath))
 
     # ---- collectives ---------------------------------------------------------------------------
     def reduce_expert_loads(self, loads: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -450,8 +556,47 @@ class DSV3Strategy(ParallelStrategy):
             return loads
         names = sorted(loads)
         flat = torch.cat([loads[n].reshape(-1) for n in names])
-        dist.all_reduce(flat, group=group)
+        with collective("expert load all_reduce", group, "dp_ep"):
+            Link(group, "dp_ep", self._require_comm().telemetry).all_reduce(flat, "expert_load_all_reduce")
         return dict(zip(names, flat.split([loads[n].numel() for n in names])))
+
+    # ---- communication telemetry ---------------------------------------------------------------
+    def _require_comm(self) -> Communication:
+        if self.comm is None:
+            raise RuntimeError("communication is set up with the model, in the Trainer's setup")
+        return self.comm
+
+    def communication_stats(self) -> dict[str, float]:
+        """The last optimizer step's communication on this rank, as flat metrics for a logger.
+
+        Each stream of collectives is `comm/<group>.<op>/<metric>`:
+        - group: `ep` (flat expert dispatch), `ep_inter` / `ep_intra` (two-hop dispatch: across nodes,
+          within a node), `dp_ep` (dense gradients, expert loads), `dp` (routed-expert gradients);
+        - op: `dispatch_counts` (the split sizes), `dispatch_meta` (two-hop: which experts of a node a
+          token chose), `dispatch`, `dispatch_backward`, `combine`, `combine_backward`, `all_reduce`
+          (gradients; with a grad codec the compressed reduction, whatever collective carries it),
+          `reduce_scatter` and `all_gather` (ZeRO-1), `expert_load_all_reduce`;
+        - metric: `bytes` (uncompressed), `bytes_sent` (handed to the collective), `time_ms` (on the
+          wire, overlapping calls counted once), `gbps` (bytes_sent / time, 10^9 bytes/s), `peak_gbps`
+          (what the start-up probe measured at those sizes; only when probed), `compression_ratio`
+          (bytes / bytes_sent), `calls`.
+        `comm/total/<metric>` sums every stream (no peak). The start-up choices are
+        `comm/choice/bucket_bytes`, `comm/choice/dispatch_codec_on` (1 or 0, for the latest payload
+        size) and `comm/choice/dispatch_codec_saving_ms` (predicted per dispatch; negative: off).
+        Definitions in `lightning_dsv3.parallel.telemetry`. Empty before the first optimizer step;
+        validation is not counted; the loss and norm reductions (a few scalars) and the pipeline's
+        point-to-point transfers are not recorded. On GPUs, reading it waits for the step's last
+        recorded collective.
+        """
+        return self.comm.telemetry.stats() if self.comm is not None else {}
+
+    def on_validation_start(self) -> None:
+        if self.comm is not None:
+            self.comm.telemetry.enabled = False
+
+    def on_validation_end(self) -> None:
+        if self.comm is not None:
+            self.comm.telemetry.enabled = True
 
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Reduce over the whole world (Lightning's `sync_dist`), or over `group` when given."""
@@ -469,16 +614,18 @@ class DSV3Strategy(ParallelStrategy):
     def barrier(self, name: str | None = None) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
+        with collective(f"barrier {name!r}", None, "world"):
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src)
+        with collective(f"broadcast from rank {src}", None, "world"):
+            dist.broadcast_object_list(box, src)
         return box[0]
 
     def tensor_init_context(self, empty_init: bool | None = None) -> Any:

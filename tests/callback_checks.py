@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,20 +50,25 @@ def fit(
     devices: int = 1,
     global_batch: int = 8,
     val_every: int | None = None,
-) -> dict[str, L.Callback]:
-    """Fit the debug preset on random tokens with every callback; return the callbacks by name."""
-    cbs = callbacks(dirpath, every_n_steps)
+    accelerator: str = "cpu",
+    extra: dict[str, L.Callback] | None = None,
+) -> tuple[dict[str, L.Callback], DeepSeekV3Module]:
+    """Fit the debug preset on random tokens with every callback (or only those in `extra`); return the
+    callbacks by name and the trained module."""
+    cbs = callbacks(dirpath, every_n_steps) if extra is None else extra
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=logger,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=steps, logger=logger,
         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=list(cbs.values()), num_sanity_val_steps=0,
-        limit_val_batches=1 if val_every else 0, val_check_interval=val_every, use_distributed_sampler=False,
+        limit_val_batches=2 if val_every else 0, val_check_interval=val_every, use_distributed_sampler=False,
     )  # fmt: skip
-    rows = list(torch.randint(0, 256, (steps * global_batch, SEQ + 1), generator=torch.Generator().manual_seed(0)))
-    loader = DataLoader(rows, batch_size=global_batch)  # every rank reads the same batches: pp ranks must
+    rows = list(
+        torch.randint(0, 256, (steps * global_batch, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    )
+    loader = DataLoader(rows, batch_size=global_batch)  # the same batches on every (pipeline) rank
     module = DeepSeekV3Module(preset="debug", model_overrides=OVERRIDES)
     trainer.fit(module, loader, loader if val_every else None)
-    return cbs
+    return cbs, module
 
 
 @contextmanager
@@ -93,7 +99,7 @@ def pipeline_run(dirpath: str) -> dict[str, Any]:
     root = Path(dirpath)
     with offline_wandb(root):
         logger = WandbLogger(project="callbacks", save_dir=str(root), offline=True)
-        cbs = fit(
+        cbs, _ = fit(
             root, logger, steps=2, every_n_steps=2, strategy=DSV3Strategy(pp=2, schedule="dualpipev"),
             devices=dist.get_world_size(),
         )  # fmt: skip
@@ -104,7 +110,30 @@ def pipeline_run(dirpath: str) -> dict[str, Any]:
         "timeline": str(timeline.last_path) if timeline.last_path else None,
         "layers": list(experts.last),
         "memory": memory.samples,
+        "measured": memory.measured,
+        "recommendations": memory.recommendations,
     }
+
+
+def expert_parallel_run(dirpath: str) -> dict[str, Any]:
+    """On every pool rank: DSV3Strategy ep=2 (two data slices), the communication, expert-load and
+    throughput callbacks, a CSV log; rank 0 returns what it logged."""
+    import torch.distributed as dist
+
+    from lightning_dsv3.strategy import DSV3Strategy
+
+    root = Path(dirpath)
+    logger = CSVLogger(root)
+    cbs = {
+        "comm": CommunicationStats(every_n_steps=1, all_ranks=True),
+        "experts": ExpertLoadMonitor(every_n_steps=2, dirpath=root / "experts"),
+        "throughput": Throughput(peak_flops_per_device=PEAK_FLOPS, window_size=2),
+    }
+    strategy = DSV3Strategy(ep=2)
+    fit(root, logger, steps=2, every_n_steps=2, strategy=strategy, devices=dist.get_world_size(), extra=cbs)
+    if dist.get_rank() != 0:
+        return {}
+    return {"rows": csv_metrics(logger), "experts": cbs["experts"].last}
 
 
 # ---- reading an offline W&B run --------------------------------------------------------------------
@@ -113,44 +142,63 @@ def wandb_run_dir(root: Path) -> Path:
     return run
 
 
-def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+def wandb_history(run_dir: Path, timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """The history rows of an offline run, read from its run-*.wandb transaction log.
 
     That file is a LevelDB-style log (the format wandb's own writer uses): a 7-byte header, then 32 KiB
     blocks of records, each a 7-byte header (checksum, length, type: full, first, middle, last) and a
-    piece of a protobuf `Record`. Nested keys ("img/_type") are joined with "/".
+    piece of a protobuf `Record`. Nested keys ("img/_type") are joined with "/". wandb's service process
+    writes the log behind `finish()`, so this waits (up to `timeout_s`) for the run's exit record.
     """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows, complete = _read_history(run_dir)
+        if complete:
+            return rows
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{run_dir} has no exit record after {timeout_s} s: the run did not finish")
+        time.sleep(0.2)
+
+
+def _read_history(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(history rows, whether the exit record was reached) of what the log holds now."""
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = run_dir.glob("run-*.wandb")
-    raw = path.read_bytes()
+    paths = list(run_dir.glob("run-*.wandb"))
+    if not paths:
+        return [], False
+    raw = paths[0].read_bytes()
     if raw[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B transaction log")
+        return [], False
     block, pos, pieces, rows = 32768, 7, b"", []
     while pos + 7 <= len(raw):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        if kind == 0:
-            break
+        if kind == 0 or pos + 7 + length > len(raw):
+            break  # not written yet
         pieces += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full, or the last piece of a record
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pieces)
             pieces = b""
-            if record.WhichOneof("record_type") == "history":
+            kind_name = record.WhichOneof("record_type")
+            if kind_name == "exit":
+                return rows, True
+            if kind_name == "history":
+                items = record.history.item
                 rows.append(
-                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
                 )
-    return rows
+    return rows, False
 
 
-def wandb_images(run_dir: Path) -> list[str]:
-    """Media image paths of the run, relative to its files folder (key folders included)."""
+def wandb_image_keys(run_dir: Path) -> set[str]:
+    """Keys of the images the run holds: W&B writes each to files/media/images/<key>_<step>_<hash>.png."""
     media = run_dir / "files" / "media" / "images"
-    return sorted(str(p.relative_to(run_dir / "files")) for p in media.rglob("*.png"))
+    return {p.relative_to(media).as_posix().rsplit("_", 2)[0] for p in media.rglob("*.png")}
 
 
 def csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:

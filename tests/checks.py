@@ -114,7 +114,9 @@ def _state(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {canonical_name(n).removeprefix("model."): t.clone() for n, t in module.state_dict().items()}
 
 
-def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: str) -> dict[str, Any]:
+def strategy_run(
+    layout: dict[str, Any], steps: int, global_batch: int, optim: str, callbacks: tuple[L.Callback, ...] = ()
+) -> dict[str, Any]:
     """Train through Trainer + DSV3Strategy on this rank; return what the test compares."""
     import torch.distributed as dist
 
@@ -125,7 +127,8 @@ def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: s
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[capture], limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=[capture, *callbacks], limit_val_batches=0, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )  # fmt: skip
     data_size = world // layout.get("pp", 1)
     rows = list(batches(steps, global_batch))
@@ -146,6 +149,7 @@ def strategy_run(layout: dict[str, Any], steps: int, global_batch: int, optim: s
         "ep": mesh.ep,
         "state_bytes": strategy.optimizer_state_bytes(),
         "shard_sizes": [(b.reduce_group.size, b.numel, b.shard_numel) for b in strategy.reducer.buckets],
+        "comm": strategy.communication_stats(),
     }
 
 

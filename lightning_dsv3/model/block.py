@@ -3,6 +3,12 @@
 Running the four in order is the layer's forward. The pipeline's overlapped forward&backward calls
 them one by one on two micro-batches, so that one micro-batch's all-to-all (dispatch, combine)
 runs while the other computes (attention, mlp). Dense layers have identity dispatch and combine.
+
+Activation checkpointing (`ModelConfig.activation_checkpointing`) recomputes regions inside a part,
+never across parts: the all-to-all lives in dispatch and combine, so a recomputation never repeats a
+collective. "attention" recomputes the attention part up to the router (norms, MLA, residual),
+"mlp" the routed and shared experts (or the dense MLP), "layer" both; "selective" is MLA's own
+(see `MLA.forward`). The router stays outside every region: it counts expert loads as a side effect.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_dsv3.config import ModelConfig
 from lightning_dsv3.model.mla import MLA
@@ -62,6 +69,8 @@ class Block(nn.Module):
         self.layer_id = layer_id
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = MLA(config)
+        self.recompute_attention = config.activation_checkpointing in ("attention", "layer")
+        self.recompute_mlp = config.activation_checkpointing in ("mlp", "layer")
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.is_moe = config.is_moe_layer(layer_id)
         self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.dim, config.inter_dim)
@@ -70,10 +79,17 @@ class Block(nn.Module):
         )
         self.last_aux_loss: torch.Tensor | None = None
 
+    def _attend(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, dim) -> h = x + MLA(norm(x)) (batch, seq, dim), norm(h) (tokens, dim)."""
+        h = x + self.attn(x, cos, sin, norm=self.attn_norm)
+        return h, self.ffn_norm(h).flatten(0, 1)
+
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LayerState:
         """Attention, the residual add, the feed-forward norm and (MoE) routing and sorting by expert."""
-        h = x + self.attn(self.attn_norm(x), cos, sin)
-        state = LayerState(h=h, x=self.ffn_norm(h).flatten(0, 1))
+        h, x_ffn = _maybe_checkpoint(self.recompute_attention, self._attend, x, cos, sin)
+        state = LayerState(h=h, x=x_ffn)
         if not self.is_moe:
             return state
         moe: MoE = self.ffn  # type: ignore[assignment]
@@ -94,19 +110,20 @@ class Block(nn.Module):
         if self.is_moe:
             moe: MoE = self.ffn  # type: ignore[assignment]
             state.received, state.received_counts, state.dispatch_ctx = moe.dispatcher.dispatch(
-                state.routed, state.counts
+                state.routed, state.counts, token_ids=state.order // moe.top_k
             )
         return state
 
     def mlp(self, state: LayerState) -> LayerState:
         """Local experts on received tokens and shared experts (or the dense MLP) on local tokens."""
+        recompute = self.recompute_mlp
         if not self.is_moe:
-            state.ffn_out = self.ffn(state.x)
+            state.ffn_out = _maybe_checkpoint(recompute, self.ffn, state.x)
             return state
         moe: MoE = self.ffn  # type: ignore[assignment]
-        state.expert_out = moe.experts(state.received, state.received_counts)
+        state.expert_out = _maybe_checkpoint(recompute, moe.experts, state.received, state.received_counts)
         if moe.shared_experts is not None:
-            state.ffn_out = moe.shared_experts(state.x)
+            state.ffn_out = _maybe_checkpoint(recompute, moe.shared_experts, state.x)
         return state
 
     def combine(self, state: LayerState) -> torch.Tensor:
@@ -115,7 +132,10 @@ class Block(nn.Module):
             return state.h + state.ffn_out.view_as(state.h)
         moe: MoE = self.ffn  # type: ignore[assignment]
         back = moe.dispatcher.combine(state.expert_out, state.dispatch_ctx)  # (tokens * k, dim) by expert
-        unsorted = torch.zeros_like(back).index_copy(0, state.order, back)  # (tokens * k, dim)
+        inverse = torch.empty_like(state.order)
+        inverse[state.order] = torch.arange(state.order.numel(), device=inverse.device)
+        # a gather by the inverse permutation: its backward keeps only the indices (index_copy kept `back`)
+        unsorted = back[inverse]  # (tokens * k, dim) in (token, slot) order
         weights = state.routing.weights.to(back.dtype).unsqueeze(-1)  # (tokens, k, 1)
         y = (unsorted.unflatten(0, (-1, moe.top_k)) * weights).sum(1)  # (tokens, dim)
         if state.ffn_out is not None:
@@ -125,3 +145,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, dim) -> (batch, seq, dim)."""
         return self.combine(self.mlp(self.dispatch(self.attention(x, cos, sin))))
+
+
+def _maybe_checkpoint(recompute: bool, fn: Any, *args: Any) -> Any:
+    """fn(*args), keeping only its inputs for backward when `recompute` (torch's non-reentrant checkpoint:
+    it tolerates the part-wise graphs and the split input/weight backward of the pipeline)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)

@@ -3,15 +3,25 @@
 MLA caches a `kv_lora_rank` latent plus one `qk_rope_head_dim` rotary key per token instead of full
 per-head keys and values; training uses the decompressed form below. Rotary embeddings act on
 interleaved pairs (x[2i], x[2i+1]), the convention of the public DeepSeek-V3 weights.
+
+Selective recomputation (`activation_checkpointing="selective"`, DeepSeek-V3's choice): the RMSNorms
+and the projections that make q, k and v are recomputed in backward instead of kept. Their internals
+run under torch's non-reentrant checkpoint; the q, k, v the attention kernel itself saves are freed
+once it has run and rebuilt just before its backward (what Megatron-LM's CheckpointWithoutOutput
+does), so the attention kernel is never re-run. Kept per layer: the layer input, the attention output
+and its log-sum-exp, and the input of the output projection.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_dsv3.config import ModelConfig
 
@@ -99,14 +109,23 @@ class MLA(nn.Module):
         )
         self.wo = nn.Linear(config.n_heads * config.v_head_dim, config.dim, bias=False)
         self.scale = softmax_scale(config)
+        self.selective = config.activation_checkpointing == "selective"
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, dim) -> q: (batch, seq, heads, qk_head_dim), before rope."""
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         return q.unflatten(-1, (self.n_heads, self.qk_head_dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (batch, seq, dim); cos, sin: (seq, rope_dim // 2) -> (batch, seq, dim)."""
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, dim), normalised by `norm` first if given -> q, k, v for the attention kernel.
+
+        q, k: (batch, seq, heads, qk_head_dim) with rope applied; v: (batch, seq, heads, v_head_dim),
+        or qk_head_dim when padded.
+        """
+        if norm is not None:
+            x = norm(x)
         q = self.project_q(x)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)  # (b, s, h, qk_head_dim)
@@ -116,11 +135,65 @@ class MLA(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).unflatten(-1, (self.n_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
-
         if self.pad_v:  # equal head dims let SDPA take its flash-attention path on GPUs
             v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: nn.Module | None = None
+    ) -> torch.Tensor:
+        """x: (batch, seq, dim), normalised by `norm` first if given; cos, sin: (seq, rope_dim // 2)
+        -> (batch, seq, dim)."""
+        recompute = self.selective and torch.is_grad_enabled()
+        if recompute:
+            q, k, v = checkpoint(self.project, x, cos, sin, norm, use_reentrant=False)
+        else:
+            q, k, v = self.project(x, cos, sin, norm)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
         )  # (b, h, s, v or qk_head_dim)
+        if recompute and out.grad_fn is not None:
+            free_until_backward((q, k, v), lambda: self.project(x, cos, sin, norm), out.grad_fn)
         out = out[..., : self.v_head_dim].transpose(1, 2).flatten(2)
         return self.wo(out)
+
+
+def free_until_backward(
+    tensors: tuple[torch.Tensor, ...],
+    rebuild: Callable[[], tuple[torch.Tensor, ...]],
+    consumer: torch.autograd.graph.Node,
+) -> None:
+    """Free the memory of `tensors` now and refill it from `rebuild()` when `consumer`'s backward starts.
+
+    For tensors whose only later reader is the backward of `consumer` (the op that saved them) and of
+    ops behind it. The storages shrink to nothing and are refilled in place, so the autograd nodes that
+    saved them see the rebuilt values; `rebuild` must reproduce them exactly (same ops, same autocast).
+    """
+    storages = _distinct_storages(tensors)
+    nbytes = [s.nbytes() for s in storages]
+    device = tensors[0].device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def refill(grad_outputs: Any) -> None:
+        if all(s.nbytes() == n for s, n in zip(storages, nbytes)):
+            return  # refilled by an earlier backward over the same graph
+        with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
+            fresh = _distinct_storages(rebuild())
+        for storage, n, new in zip(storages, nbytes, fresh, strict=True):
+            if new.nbytes() != n:
+                raise RuntimeError(f"rebuilt activation has {new.nbytes()} bytes, the freed one had {n}")
+            storage.resize_(n)
+            storage.copy_(new)
+
+    consumer.register_prehook(refill)
+    for storage in storages:
+        storage.resize_(0)
+
+
+def _distinct_storages(tensors: tuple[torch.Tensor, ...]) -> list[torch.UntypedStorage]:
+    """The storages under `tensors`, each once, in order (views of one storage share it)."""
+    found: dict[int, torch.UntypedStorage] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        found.setdefault(storage.data_ptr(), storage)
+    return list(found.values())

@@ -56,6 +56,8 @@ class Router(nn.Module):
         self.route_scale = config.route_scale
         self.gamma = config.bias_update_speed
         self.alpha = config.aux_loss_alpha
+        self.n_nodes = 1  # node-limited routing, off until `limit_nodes`
+        self.max_nodes = 1
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
         # tokens routed to each expert since the last bias update (summed over ranks by the strategy)
@@ -63,24 +65,44 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (T, dim) -> Routing for T tokens."""
-        scores = F.linear(x.float(), self.weight.float())
-        scores = scores.sigmoid() if self.score_func == "sigmoid" else scores.softmax(dim=-1)
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias  # selection only: no gradient path
-        if self.n_groups > 1:
-            grouped = choice.unflatten(-1, (self.n_groups, -1))  # (T, groups, experts per group)
-            top = min(2, grouped.shape[-1])
-            group_score = grouped.topk(top, dim=-1).values.sum(-1)  # (T, groups)
-            chosen = group_score.topk(self.n_limited_groups, dim=-1).indices
-            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
-            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        for n_sets, keep, top in self._limits():
+            choice = _keep_best_sets(choice, n_sets, keep, top)
         indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
         if self.score_func == "sigmoid":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # s_i / sum of the chosen s_j, in log space: sigmoids of logits below about -88 underflow
+            # to 0 in fp32, and 0 / 0 would make the gates NaN
+            weights = F.logsigmoid(logits).gather(1, indices).softmax(dim=-1)
+        else:
+            weights = scores.gather(1, indices)
         if self.training:  # only training tokens drive the bias update
             with torch.no_grad():
                 self.expert_load += tokens_per_expert(indices, self.n_experts).float()
         return Routing(weights * self.route_scale, indices, scores)
+
+    def limit_nodes(self, n_nodes: int, max_nodes: int) -> None:
+        """Node-limited routing (DeepSeek-V3 report, 2.1.2): the experts form `n_nodes` equal contiguous
+        sets (the nodes that hold them); each token picks its experts within the `max_nodes` sets with
+        the highest sum of their top ceil(top_k / max_nodes) selection scores, so its dispatch crosses
+        to at most `max_nodes` nodes (no limit when max_nodes >= n_nodes). The strategy sets it from its
+        layout; the model stays unaware of nodes."""
+        check_node_limit(self.n_experts, self.top_k, self.n_groups, self.n_limited_groups, n_nodes, max_nodes)
+        self.n_nodes, self.max_nodes = n_nodes, max_nodes
+
+    def _limits(self) -> list[tuple[int, int, int]]:
+        """(sets, sets kept, top scores summed per set) of group- and node-limited routing.
+
+        The coarser partition goes first, so the finer one chooses among whole unmasked sets.
+        """
+        limits = []
+        if self.n_groups > 1:
+            limits.append((self.n_groups, self.n_limited_groups, min(2, self.n_experts // self.n_groups)))
+        if self.max_nodes < self.n_nodes:
+            per_node = self.n_experts // self.n_nodes
+            limits.append((self.n_nodes, self.max_nodes, min(per_node, -(-self.top_k // self.max_nodes))))
+        return sorted(limits)
 
     def balance_loss(self, routing: Routing, batch: int) -> torch.Tensor:
         """Sequence-wise balance loss alpha * sum_i f_i P_i, averaged over the `batch` sequences.
@@ -109,6 +131,51 @@ def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
         0, flat, torch.ones_like(flat)
     )
+
+
+def _keep_best_sets(choice: torch.Tensor, n_sets: int, keep: int, top: int) -> torch.Tensor:
+    """choice (T, E) -> the same with every expert outside each token's `keep` best of `n_sets`
+    contiguous sets masked to -inf; a set scores the sum of its `top` highest entries."""
+    sets = choice.unflatten(-1, (n_sets, -1))  # (T, sets, experts per set)
+    set_score = sets.topk(top, dim=-1).values.sum(-1)  # (T, sets)
+    chosen = set_score.topk(keep, dim=-1).indices
+    kept = torch.zeros_like(set_score, dtype=torch.bool).scatter_(1, chosen, True)
+    return sets.masked_fill(~kept.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+def check_node_limit(
+    n_experts: int, top_k: int, n_groups: int, n_limited_groups: int, n_nodes: int, max_nodes: int
+) -> None:
+    """Raise ValueError unless node-limited routing over `n_nodes` can always pick `top_k` experts.
+
+    Expert groups and nodes must nest (one a union of the other), so that whichever limit is finer
+    chooses among whole sets the coarser one kept; then the experts left are counted exactly.
+    """
+    if n_nodes < 1 or n_experts % n_nodes:
+        raise ValueError(
+            f"node-limited routing: {n_experts} experts do not split over {n_nodes} nodes; pick an ep and "
+            "ranks_per_node whose number of nodes divides n_routed_experts"
+        )
+    if max_nodes < 1:
+        raise ValueError(f"max_nodes_per_token={max_nodes} must be >= 1")
+    if max_nodes >= n_nodes:
+        return  # no limit: every node may be chosen
+    per_node, per_group = n_experts // n_nodes, n_experts // n_groups
+    if n_groups > 1 and per_node % per_group and per_group % per_node:
+        raise ValueError(
+            f"node-limited routing needs expert groups ({per_group} experts each) and nodes ({per_node} "
+            "experts each) to nest; change n_expert_groups, ep or ranks_per_node"
+        )
+    kept_groups = n_limited_groups if n_groups > 1 else 1
+    if per_node >= per_group:  # groups inside nodes
+        left = min(kept_groups * per_group, max_nodes * per_node)
+    else:  # nodes inside groups
+        left = min(max_nodes, kept_groups * (per_group // per_node)) * per_node
+    if left < top_k:
+        raise ValueError(
+            f"max_nodes_per_token={max_nodes} leaves {left} experts to choose from, fewer than "
+            f"n_activated_experts={top_k}; raise max_nodes_per_token (or n_limited_groups)"
+        )
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -159,8 +226,8 @@ class GroupedExperts(nn.Module):
     def _padded_bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Scatter tokens into an (E, capacity, dim) buffer, run three bmms, gather back."""
         n_tokens = x.shape[0]
-        if n_tokens == 0:
-            return x.new_zeros(0, self.w2.shape[1])
+        if n_tokens == 0:  # still a function of x: the dispatch's backward is a collective every rank joins
+            return x[:, :1].expand(-1, self.w2.shape[1]).clone()
         starts = counts.cumsum(0) - counts
         expert = torch.repeat_interleave(
             torch.arange(self.n_experts, device=x.device), counts, output_size=n_tokens
@@ -176,8 +243,12 @@ class GroupedExperts(nn.Module):
 class Dispatcher(Protocol):
     """Moves expert-sorted tokens to the ranks that own their experts, and the results back."""
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """tokens: (N, dim) sorted by global expert; counts: (n_routed_experts,).
+    def dispatch(
+        self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """tokens: (N, dim) sorted by global expert; counts: (n_routed_experts,); token_ids: (N,) which
+        token each row copies (rows of one token are identical), so a dispatcher can send a token once
+        per destination instead of once per expert.
 
         Returns the tokens this rank's experts must process, sorted by local expert, their counts
         (n_local_experts,), and a context for `combine`.
@@ -190,7 +261,9 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """All experts live on this rank: dispatch and combine are identities."""
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(
+        self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         return tokens, counts, None
 
     def combine(self, expert_out: torch.Tensor, ctx: Any) -> torch.Tensor:

@@ -9,7 +9,10 @@ Two families:
   gives the unit of those splits without encoding anything.
 * Gradient codecs (`TopKCodec`, `PowerSGDCodec`): biased, so they keep error feedback, a residual per
   tensor keyed by a name: what one step does not send is added to the next step's input, so it is delayed,
-  never lost.
+  never lost. Each has an `allreduce` (the group mean through the codec: top-k as one all_gather of values
+  and indices, PowerSGD as its two all-reduces, `allreduce_many` batching every P and every Q of several
+  tensors into one each, as torch's hook batches a bucket) that takes the collective as an optional
+  callable, so the strategy can record it.
 
 Error bounds of the block codecs, per element x of a block b with amax_b = max |x| over b and fp32 scale
 s_b <= amax_b / qmax (the scale is rounded toward zero, so a decoded value never exceeds amax_b and never
@@ -27,7 +30,9 @@ and of the decoded product, scales in fp32's subnormal range for blocks of tiny 
 amax_b below qmax * 2^-149, whose scale is 0 and which decode to 0. Decoding to bf16 or fp16 adds that
 dtype's rounding. `BlockCodec.max_error` computes the whole bound per element.
 
-Encode and decode are vectorised and never synchronise with the device, except the NaN/Inf check
+On CUDA with Triton installed, `pack` and `unpack` run fused kernels (`codec_kernels`) that give the same
+bytes in one pass over the payload. Encode and decode are vectorised and never synchronise with the device,
+except the NaN/Inf check
 (`check_finite=True`, the default), which reads a flag on the host; pass `check_finite=False` on GPU hot
 paths once the inputs are known to be finite. A NaN or Inf would otherwise spread silently: through the
 amax to the whole block, or into an error-feedback residual for good. All codecs work on detached tensors:
@@ -50,6 +55,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
     _orthogonalize,
     _should_compress,
 )
+
+from lightning_dsv3.parallel import codec_kernels
 
 __all__ = [
     "BlockCodec",
@@ -162,6 +169,9 @@ class BlockCodec(ABC):
         A row is [dim codes | n_blocks fp32 scales as bytes], self-contained, so all_to_all_single with
         row splits sends codes and scales together and any row can go to any rank.
         """
+        if codec_kernels.available(x, self.block_size):
+            _check_input(x.detach(), f"{type(self).__name__}.pack", check_finite)
+            return codec_kernels.pack(x.detach(), self.block_size, self.qmax, self._is_fp8)
         values, scales = self._scale(x, f"{type(self).__name__}.pack", check_finite)
         rows, dim = math.prod(x.shape[:-1]), x.shape[-1]
         buf = torch.empty(rows, self.bytes_per_row(dim), dtype=torch.uint8, device=x.device)
@@ -179,10 +189,16 @@ class BlockCodec(ABC):
                 f"{type(self).__name__}.unpack: for shape {tuple(shape)} expected a uint8 buffer of shape "
                 f"{expected} (rows, bytes_per_row({dim})), got {buf.dtype} of shape {tuple(buf.shape)}"
             )
+        if codec_kernels.available(buf, self.block_size):
+            return codec_kernels.unpack(buf, dim, self.block_size, dtype, self._is_fp8).reshape(shape)
         codes = buf[:, :dim].view(self.code_dtype)
         # The scales start at byte dim of each row, not necessarily 4-aligned: copy, then view as fp32.
         scales = buf[:, dim:].clone(memory_format=torch.contiguous_format).view(torch.float32)
         return self.decode(BlockPayload(data=codes, scales=scales), dtype).reshape(shape)
+
+    @property
+    def _is_fp8(self) -> bool:
+        return self.value_dtype == torch.float8_e4m3fn
 
     def max_error(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The stated bound on |x - decode(encode(x), dtype)| per element, (..., dim) float32.
@@ -306,13 +322,29 @@ class TopKCodec:
     energy, so the residual stays bounded: ||r|| <= c / (1 - c) * max_t ||x_t|| with c = sqrt(1 - k / numel).
     Residuals are float32, so small leftovers of bf16 gradients accumulate instead of rounding away;
     `residuals` is plain state to checkpoint.
+
+    start_iter: like PowerSGD's, reduce uncompressed until `step()` has been called this many times (the
+    early steps, where gradients change fastest, are where delaying entries costs most); `started` says
+    whether that warm-up is over. The codec itself does not look at it: the caller routes the reduction.
     """
 
-    def __init__(self, ratio: float = 0.01) -> None:
+    def __init__(self, ratio: float = 0.01, start_iter: int = 0) -> None:
         if not 0 < ratio <= 1:
             raise ValueError(f"TopKCodec: ratio must be in (0, 1], got {ratio}; 0.01 keeps 1% of the entries")
+        if start_iter < 0:
+            raise ValueError(f"TopKCodec: start_iter must be >= 0, got {start_iter}")
         self.ratio = ratio
+        self.start_iter = start_iter
+        self.iter = 0
         self.residuals: dict[str, Tensor] = {}
+
+    def step(self) -> None:
+        """Count one optimizer step, for `start_iter`."""
+        self.iter += 1
+
+    @property
+    def started(self) -> bool:
+        return self.iter >= self.start_iter
 
     def k(self, numel: int) -> int:
         """Entries sent for a tensor of `numel` elements (at least one, unless it is empty)."""
@@ -355,6 +387,48 @@ class TopKCodec:
         dense = payload.values.new_zeros(payload.shape.numel())
         dense[payload.indices.long()] = payload.values
         return dense.view(payload.shape)
+
+    def allreduce(
+        self,
+        tensor: Tensor,
+        group: dist.ProcessGroup | None = None,
+        *,
+        name: str,
+        check_finite: bool = True,
+        all_gather: Callable[[Tensor, Tensor], object] | None = None,
+    ) -> Tensor:
+        """The mean over `group` of every rank's top-k of tensor + its residual (error feedback).
+
+        Each rank's k values and indices travel as one uint8 buffer through one all_gather (top-k sets
+        differ between ranks, so a sparse sum has no all-reduce), then every rank adds the `world` sparse
+        tensors in rank order, in float32: the same bits everywhere, so replicas stay identical. Bytes
+        sent per rank: `nbytes`. Returns a new tensor of tensor's shape and dtype.
+        all_gather: (output, input) -> None, default `dist.all_gather_into_tensor` over `group`.
+        """
+        world = dist.get_world_size(group)
+        payload = self.encode(tensor, name, check_finite)
+        values, indices = payload.values, payload.indices
+        packed = torch.cat([values.view(torch.uint8), indices.view(torch.uint8)])
+        gathered = packed.new_empty(world * packed.numel())
+        if all_gather is None:
+            dist.all_gather_into_tensor(gathered, packed, group=group)
+        else:
+            all_gather(gathered, packed)
+        gathered = gathered.view(world, -1)
+        split = values.numel() * values.element_size()
+        all_values = gathered[:, :split].contiguous().view(values.dtype).float()  # (world, k)
+        all_indices = gathered[:, split:].contiguous().view(indices.dtype).long()
+        dense = torch.zeros(tensor.numel(), dtype=torch.float32, device=tensor.device)
+        for r in range(world):  # indices are unique within a rank: each add is exact and ordered
+            dense[all_indices[r]] += all_values[r]
+        return dense.div_(world).to(tensor.dtype).view(tensor.shape)
+
+
+def _reduced(tensors: list[Tensor], reduce_sum: Callable[[Tensor], object]) -> list[Tensor]:
+    """Sum `tensors` over the group with one collective on their concatenation; returns views of it."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    reduce_sum(flat)
+    return [chunk.view(t.shape) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -450,6 +524,18 @@ class PowerSGDCodec:
         """Dense bytes over the bytes `allreduce` sends."""
         return math.prod(shape) * dtype.itemsize / self.nbytes(shape, dtype)
 
+    @property
+    def started(self) -> bool:
+        """Whether `start_iter` steps have passed (compression is on for tensors worth it)."""
+        return self.state.iter >= self.state.start_powerSGD_iter
+
+    def will_compress(self, shape: Sequence[int]) -> bool:
+        """Whether `allreduce` compresses a tensor of `shape` now (past `start_iter`, and worth it)."""
+        if not self.started:
+            return False
+        n, m = self._matrix_shape(shape)
+        return _should_compress(n, m, self._rank(n, m), self.state.min_compression_rate)[0]
+
     def compress(self, tensor: Tensor, name: str, check_finite: bool = True) -> LowRankFactors:
         """One local power iteration on tensor (n, ...) + its error: rank-r factors, no communication.
 
@@ -459,7 +545,9 @@ class PowerSGDCodec:
         """
         tensor = tensor.detach()
         _check_input(tensor, f"PowerSGDCodec.compress({name!r})", check_finite)
-        p, q = self._power_iteration(self._matrix(tensor), name, reduce_sum=lambda t: None, world_size=1)
+        ((p, q),) = self._power_iteration(
+            [self._matrix(tensor)], [name], reduce_sum=lambda t: None, world_size=1
+        )
         return LowRankFactors(p=p, q=q, shape=tensor.shape)
 
     def decompress(self, factors: LowRankFactors) -> Tensor:
@@ -473,6 +561,7 @@ class PowerSGDCodec:
         *,
         name: str,
         check_finite: bool = True,
+        all_reduce: Callable[[Tensor], object] | None = None,
     ) -> Tensor:
         """The mean of tensor (n, ...) over `group` (default: world), low-rank compressed.
 
@@ -482,66 +571,106 @@ class PowerSGDCodec:
         plain mean all-reduce. Returns a new tensor of tensor's shape and dtype; the input is not modified.
         Every rank must call it for the same names in the same order (the shared RNG seeds Q).
         check_finite: raise ValueError naming the first NaN/Inf; this synchronises with the device.
+        all_reduce: in-place sum over the group, default `dist.all_reduce` over `group` (the strategy
+            passes one that records telemetry).
         """
         tensor = tensor.detach()
         _check_input(tensor, f"PowerSGDCodec.allreduce({name!r})", check_finite)
-        state = self.state
+        if all_reduce is None:
+            all_reduce = lambda t: dist.all_reduce(t, group=group)
         world_size = dist.get_world_size(group)
-        n, m = self._matrix_shape(tensor.shape)
-        compress = False
-        if state.iter >= state.start_powerSGD_iter:
-            compress, numel, numel_compressed = _should_compress(
-                n, m, self._rank(n, m), state.min_compression_rate
-            )
-            state.total_numel_before_compression += numel
-            state.total_numel_after_compression += numel_compressed if compress else numel
-        if not compress:
+        if not self.will_compress(tensor.shape):
+            if self.state.iter >= self.state.start_powerSGD_iter:
+                self._count(tensor.shape, compressed=False)
             out = tensor.clone()
-            dist.all_reduce(out, group=group)
+            all_reduce(out)
             return out.div_(world_size)
-        p, q = self._power_iteration(
-            self._matrix(tensor),
-            name,
-            reduce_sum=lambda t: dist.all_reduce(t, group=group),
-            world_size=world_size,
+        return self.allreduce_many([tensor], group, names=[name], check_finite=False, all_reduce=all_reduce)[
+            0
+        ]
+
+    def allreduce_many(
+        self,
+        tensors: Sequence[Tensor],
+        group: dist.ProcessGroup | None = None,
+        *,
+        names: Sequence[str],
+        check_finite: bool = True,
+        all_reduce: Callable[[Tensor], object] | None = None,
+    ) -> list[Tensor]:
+        """`allreduce` of several tensors, all compressed whatever `will_compress` says, with the hook's
+        batching: every P goes in one all-reduce and every Q in another (two collectives in all).
+
+        Callers route the tensors not worth compressing through a plain all-reduce (see `will_compress`).
+        """
+        for t, n in zip(tensors, names, strict=True):
+            _check_input(t, f"PowerSGDCodec.allreduce_many({n!r})", check_finite)
+            self._count(t.shape, compressed=True)
+        if all_reduce is None:
+            all_reduce = lambda t: dist.all_reduce(t, group=group)
+        factors = self._power_iteration(
+            [self._matrix(t.detach()) for t in tensors], names, all_reduce, dist.get_world_size(group)
         )
-        return (p @ q.T).view(tensor.shape)
+        return [(p @ q.T).view(t.shape) for t, (p, q) in zip(tensors, factors)]
+
+    def _count(self, shape: Sequence[int], compressed: bool) -> None:
+        """The hook's compression statistics (`PowerSGDState.compression_stats`)."""
+        n, m = self._matrix_shape(shape)
+        numel = n * m
+        self.state.total_numel_before_compression += numel
+        self.state.total_numel_after_compression += (n + m) * self._rank(n, m) if compressed else numel
 
     def _power_iteration(
-        self, matrix: Tensor, name: str, reduce_sum: Callable[[Tensor], object], world_size: int
-    ) -> tuple[Tensor, Tensor]:
-        """One PowerSGD step on matrix (n, m) with error feedback; returns P (n, r) and Q (m, r)."""
+        self,
+        matrices: list[Tensor],
+        names: Sequence[str],
+        reduce_sum: Callable[[Tensor], object],
+        world_size: int,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """One PowerSGD step on matrices (n_i, m_i) with error feedback -> P_i (n_i, r_i), Q_i (m_i, r_i).
+
+        `reduce_sum` runs twice, on every P and then on every Q flattened into one buffer each.
+        """
         state = self.state
-        n, m = matrix.shape
-        rank = self._rank(n, m)
-        epsilon = state.orthogonalization_epsilon
-        if epsilon is None:
-            epsilon = torch.finfo(matrix.dtype).smallest_normal
-        if state.use_error_feedback and name in state.error_dict:
-            error = state.error_dict[name]
-            if error.shape != matrix.shape:
-                raise ValueError(
-                    f"PowerSGDCodec: name {name!r} holds an error of shape {tuple(error.shape)} but the "
-                    f"gradient's matrix view is {(n, m)}; give each tensor its own name"
-                )
-            matrix = matrix + error
-        q = state.q_memory_dict.get(name) if state.warm_start else None
-        if q is None or q.shape != (1, m, rank):
-            # The state's RNG advances alike on every rank, so the initial Q agrees without communication.
-            generator = torch.Generator(matrix.device).manual_seed(int(state.rng.randint(1_000_000_000)))
-            q = torch.randn(1, m, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
-        _orthogonalize(q, epsilon)
-        p = torch.bmm(matrix.unsqueeze(0), q)  # (1, n, r)
-        reduce_sum(p)  # no division by the world size: P is orthonormalized next
-        _orthogonalize(p, epsilon)
-        q = torch.bmm(matrix.T.unsqueeze(0), p)  # (1, m, r)
-        reduce_sum(q)
-        q.div_(world_size)
-        if state.warm_start:
-            state.q_memory_dict[name] = q
-        if state.use_error_feedback:
-            state.error_dict[name] = matrix - p[0] @ q[0].T
-        return p[0], q[0]
+        inputs, qs = [], []
+        for matrix, name in zip(matrices, names):
+            n, m = matrix.shape
+            rank = self._rank(n, m)
+            if state.use_error_feedback and name in state.error_dict:
+                error = state.error_dict[name]
+                if error.shape != matrix.shape:
+                    raise ValueError(
+                        f"PowerSGDCodec: name {name!r} holds an error of shape {tuple(error.shape)} but the "
+                        f"gradient's matrix view is {(n, m)}; give each tensor its own name"
+                    )
+                matrix = matrix + error
+            q = state.q_memory_dict.get(name) if state.warm_start else None
+            if q is None or q.shape != (1, m, rank):
+                # The state's RNG advances alike on every rank, so the initial Q agrees without communication.
+                generator = torch.Generator(matrix.device).manual_seed(int(state.rng.randint(1_000_000_000)))
+                q = torch.randn(1, m, rank, generator=generator, device=matrix.device, dtype=matrix.dtype)
+            _orthogonalize(q, self._epsilon(matrix))
+            inputs.append(matrix)
+            qs.append(q)
+        ps = _reduced([torch.bmm(mat.unsqueeze(0), q) for mat, q in zip(inputs, qs)], reduce_sum)  # (1, n, r)
+        for p, mat in zip(ps, inputs):  # no division by the world size: P is orthonormalized
+            _orthogonalize(p, self._epsilon(mat))
+        qs = _reduced(
+            [torch.bmm(mat.T.unsqueeze(0), p) for mat, p in zip(inputs, ps)], reduce_sum
+        )  # (1, m, r)
+        out = []
+        for matrix, name, p, q in zip(inputs, names, ps, qs):
+            q.div_(world_size)
+            if state.warm_start:
+                state.q_memory_dict[name] = q
+            if state.use_error_feedback:
+                state.error_dict[name] = matrix - p[0] @ q[0].T
+            out.append((p[0], q[0]))
+        return out
+
+    def _epsilon(self, matrix: Tensor) -> float:
+        eps = self.state.orthogonalization_epsilon
+        return torch.finfo(matrix.dtype).smallest_normal if eps is None else eps
 
     def _rank(self, n: int, m: int) -> int:
         return min(n, m, self.state.matrix_approximation_rank)

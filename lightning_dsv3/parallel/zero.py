@@ -10,6 +10,25 @@ flat bucket, padded to a multiple of the group size. Each rank keeps an fp32 mas
 shard while LR schedulers, `param_groups` and `state_dict` keep working on the same object.
 A step is: reduce-scatter the bucket gradients (all buckets in flight at once) -> step the shards
 -> all-gather the updated shards back into the model's parameters.
+
+`bucket_bytes` caps a bucket's size (a parameter is never split; one larger than the cap gets a
+bucket of its own): with several buckets in flight, flattening one overlaps the collective of the
+previous, at the price of a fixed latency per collective (the strategy picks the cap from its
+start-up probe). Each bucket is then its own ZeRO-1 shard and master parameter.
+
+A gradient codec (`TopKCodec`, `PowerSGDCodec`) replaces, once its `start_iter` warm-up steps are
+over, a bucket's reduction over a group of more than one rank by a compressed all-reduce with error
+feedback: every rank of the group computes the
+same approximate mean, so replicas stay identical. Under ZeRO-1 each rank keeps its shard of that
+mean: a sparse or low-rank sum has no reduce-scatter, so the whole bucket is reduced (the bytes sent
+are still the compressed ones) and the error-feedback residuals, like the gradients ZeRO-1 keeps,
+are full-size. Top-k keeps the k largest entries of a whole bucket (one all_gather per bucket; with
+AdamW, a per-parameter k trained worse in our tests); PowerSGD compresses each parameter worth it as
+a matrix (3-D expert stacks viewed as (experts * rows, columns), so the low-rank factors share the
+input space across experts), every P of a bucket in one all-reduce and every Q in another, and sends
+the rest of the bucket as one plain all-reduce. Codecs skip their NaN/Inf check (a host sync): a
+non-finite gradient ruins the step with or without them. Their residuals are not checkpointed; a
+resumed run starts them at zero.
 """
 
 from __future__ import annotations
@@ -21,10 +40,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_dsv3.parallel.compression import PowerSGDCodec, TopKCodec
+from lightning_dsv3.parallel.telemetry import CommTelemetry, Link
+
+GradCodec = TopKCodec | PowerSGDCodec
+
 
 @dataclass
 class ReduceGroup:
-    """A process group that reduces some parameters' gradients, and this rank's place in it."""
+    """A process group that reduces some parameters' gradients, and this rank's place in it.
+
+    `name` is the mesh's name for the group ("dp_ep", "dp"): buckets and telemetry use it.
+    """
 
     name: str
     group: dist.ProcessGroup | None
@@ -64,6 +91,10 @@ class GradientReducer:
         zero: shard optimizer state (ZeRO-1) or keep it replicated.
         copies: how many pipeline chunks hold a parameter (DualPipe's mirrored stages, tied
             embeddings); the global norm counts each distinct parameter once.
+        codec: compress reductions over groups of more than one rank (see the module docstring).
+        bucket_bytes: cap on a bucket's flat gradient (fp32 under ZeRO-1); None: one bucket per
+            (param-group, reduce group).
+        telemetry: records every collective (default: none recorded).
     """
 
     def __init__(
@@ -74,28 +105,41 @@ class GradientReducer:
         n_data_slices: int,
         zero: bool,
         copies: Callable[[str], int] = lambda name: 1,
+        codec: GradCodec | None = None,
+        bucket_bytes: int | None = None,
+        telemetry: CommTelemetry | None = None,
     ) -> None:
+        if bucket_bytes is not None and bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive or None (no cap), got {bucket_bytes}")
         self.optimizer = optimizer
         self.copies = copies
         self.zero = zero
+        self.codec = codec
+        self.telemetry = telemetry or CommTelemetry(torch.device("cpu"), enabled=False)
         self.scale = 1.0 / n_data_slices
         name_of = {p: n for n, p in named_params}
         self.buckets: list[Bucket] = []
         for param_group in optimizer.param_groups:
-            by_group: dict[str, Bucket] = {}
+            by_group: dict[str, list[Bucket]] = {}
             for p in param_group["params"]:
                 if p not in name_of:
                     raise ValueError("the optimizer holds a parameter that is not one of the model's")
                 rg = group_of(name_of[p])
-                bucket = by_group.setdefault(rg.name, Bucket([], [], rg, 0))
+                buckets = by_group.setdefault(rg.name, [])
+                item_bytes = 4 if zero else p.element_size()  # the flat gradient's dtype
+                if not buckets or (
+                    bucket_bytes is not None and (buckets[-1].numel + p.numel()) * item_bytes > bucket_bytes
+                ):
+                    buckets.append(Bucket([], [], rg, 0))
+                bucket = buckets[-1]
                 bucket.names.append(name_of[p])
                 bucket.params.append(p)
                 bucket.offsets.append(bucket.numel)
                 bucket.numel += p.numel()
-            self.buckets.extend(by_group.values())
+            new = [b for buckets in by_group.values() for b in buckets]
+            self.buckets.extend(new)
             if zero:
-                masters = [self._make_master(b) for b in by_group.values()]
-                param_group["params"] = masters
+                param_group["params"] = [self._make_master(b) for b in new]
 
     def _make_master(self, bucket: Bucket) -> nn.Parameter:
         flat = self._flat([p.detach() for p in bucket.params], bucket, torch.float32)
@@ -119,27 +163,38 @@ class GradientReducer:
         return torch.nn.functional.pad(flat, (0, pad)) if pad else flat
 
     # ---- the step ------------------------------------------------------------------------------
+    def _link(self, rg: ReduceGroup) -> Link:
+        return Link(rg.group, rg.name, self.telemetry)
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Average every gradient over its group (ZeRO-1: into this rank's master shard only)."""
         pending = []
         for bucket in self.buckets:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-            flat = self._flat(grads, bucket, torch.float32 if self.zero else grads[0].dtype)
+            dtype = torch.float32 if self.zero else grads[0].dtype
             rg = bucket.reduce_group
-            if self.zero:
-                shard = flat.new_empty(bucket.shard_numel)
-                work = None
+            work = None
+            if rg.size > 1 and self.codec is not None and self.codec.started:
+                flat = self._codec_reduce(bucket, grads, dtype).mul_(rg.size)  # a sum, like the rest
+                if self.zero:
+                    start = rg.rank * bucket.shard_numel
+                    flat = flat[start : start + bucket.shard_numel]
+            elif self.zero:
+                full = self._flat(grads, bucket, dtype)
+                flat = full.new_empty(bucket.shard_numel)
                 if rg.size > 1:
-                    work = dist.reduce_scatter_tensor(shard, flat, group=rg.group, async_op=True)
+                    work = self._link(rg).reduce_scatter(flat, full, "reduce_scatter", async_op=True)
                 else:
-                    shard.copy_(flat)
-                pending.append((bucket, shard, work))
+                    flat.copy_(full)
+            else:
+                flat = self._flat(grads, bucket, dtype)
+                if rg.size > 1:
+                    work = self._link(rg).all_reduce(flat, "all_reduce", async_op=True)
+            if self.zero:
                 for p in bucket.params:
                     p.grad = None  # the shard holds what this rank needs; free the full gradient
-            else:
-                work = dist.all_reduce(flat, group=rg.group, async_op=True) if rg.size > 1 else None
-                pending.append((bucket, flat, work))
+            pending.append((bucket, flat, work))
         for bucket, flat, work in pending:
             if work is not None:
                 work.wait()
@@ -151,6 +206,45 @@ class GradientReducer:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        if self.codec is not None:
+            self.codec.step()
+
+    def _codec_reduce(self, bucket: Bucket, grads: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The group mean of the bucket's gradients through the codec, as a padded flat `dtype` tensor.
+
+        Top-k: one all_gather of the bucket's top-k. PowerSGD: one all-reduce of every P, one of every Q, and
+        one plain all-reduce of the parameters not worth compressing.
+        """
+        rg = bucket.reduce_group
+        link = self._link(rg)
+        dense = [sum(g.numel() * g.element_size() for g in grads)]  # counted once, on the first collective
+
+        def nbytes() -> int:
+            return dense.pop() if dense else 0
+
+        if isinstance(self.codec, TopKCodec):  # the residual is keyed by the bucket's first parameter
+            return self.codec.allreduce(
+                self._flat(grads, bucket, dtype), rg.group, name=bucket.names[0], check_finite=False,
+                all_gather=lambda out, x: link.all_gather(out, x, "all_reduce", nbytes=nbytes()),
+            )  # fmt: skip
+        matrices = [g.reshape(-1, g.shape[-1]) if g.dim() > 2 else g for g in grads]
+        lowrank = [self.codec.will_compress(m.shape) for m in matrices]
+        means: list[torch.Tensor] = list(grads)
+        if any(lowrank):
+            picked = [k for k, low in enumerate(lowrank) if low]
+            reduced = self.codec.allreduce_many(
+                [matrices[k] for k in picked], rg.group, names=[bucket.names[k] for k in picked],
+                check_finite=False, all_reduce=lambda t: link.all_reduce(t, "all_reduce", nbytes=nbytes()),
+            )  # fmt: skip
+            for k, mean in zip(picked, reduced):
+                means[k] = mean
+        rest = [k for k, low in enumerate(lowrank) if not low]
+        if rest:
+            flat = torch.cat([grads[k].reshape(-1) for k in rest])
+            link.all_reduce(flat, "all_reduce", nbytes=nbytes())
+            for k, mean in zip(rest, flat.div_(rg.size).split([grads[k].numel() for k in rest])):
+                means[k] = mean
+        return self._flat(means, bucket, dtype)
 
     @torch.no_grad()
     def gather_parameters(self) -> None:
@@ -163,9 +257,7 @@ class GradientReducer:
             full = bucket.master.new_empty(bucket.padded_numel)
             work = None
             if rg.size > 1:
-                work = dist.all_gather_into_tensor(
-                    full, bucket.master.detach(), group=rg.group, async_op=True
-                )
+                work = self._link(rg).all_gather(full, bucket.master.detach(), "all_gather", async_op=True)
             else:
                 full.copy_(bucket.master.detach())
             pending.append((bucket, full, work))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts, lockstep
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
@@ -243,8 +244,10 @@ class PipelineRuntime:
                 buf = self._hidden_buffer(microbatches[a.mb])
                 (state.acts if a.op is Op.RECV_ACT else state.grads)[key] = buf
                 ops.append(dist.P2POp(dist.irecv, buf, peer, self.group))
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        transfers = ", ".join(f"{a} (pipeline rank {a.peer})" for a in actions)
+        with collective(f"pipeline rank {self.rank}'s P2P group [{transfers}]", self.group, "pp"):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
 
     def _hidden_buffer(self, tokens: torch.Tensor) -> torch.Tensor:
         """A receive buffer for one micro-batch's hidden state: (batch, seq, dim)."""

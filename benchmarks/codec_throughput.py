@@ -1,0 +1,120 @@
+"""Encode and decode throughput of the dispatch codecs against a device-to-device copy of the payload.
+
+A payload is (rows, dim) activations in the compute dtype, as the expert dispatch sends them. For each
+size it times `pack` (codes + per-128-channel scales into one uint8 row), `unpack`, and both, and a
+plain `copy_` of the same tensor; throughput is payload bytes (uncompressed) per second. The issue's
+bar: encode+decode at >= 70% of the copy's rate from 64 MiB up. On a GPU with Triton the codec runs
+its fused kernels (`lightning_dsv3.parallel.codec_kernels`, rows "triton"); rows "eager" time the same
+codec with the kernels switched off, the torch-ops path every other device uses.
+
+    python -m benchmarks.codec_throughput                                  # GPU: 1 MiB .. 1 GiB, bf16
+    python -m benchmarks.codec_throughput --max-mib 4 --dim 512 --reps 3  # CPU small mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+from benchmarks.results_io import markdown_table, write_result
+from lightning_dsv3.parallel import codec_kernels
+from lightning_dsv3.parallel.compression import BlockCodec, get_codec
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def round_trip(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
+    return codec.unpack(codec.pack(x, check_finite=False), x.shape, x.dtype)
+
+
+@contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Run the codec with its fused kernels where available (True) or on torch ops only (False)."""
+    available = codec_kernels.available
+    if not enabled:
+        codec_kernels.available = lambda *args: False
+    try:
+        yield
+    finally:
+        codec_kernels.available = available
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--min-mib", type=int, default=1)
+    parser.add_argument("--max-mib", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=7168, help="channels per row (DeepSeek-V3: 7168)")
+    parser.add_argument(
+        "--dtype", default=None, help="payload dtype (default: bfloat16 on GPU, float32 on CPU)"
+    )
+    parser.add_argument("--codecs", nargs="+", default=["fp8", "int8"])
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    sizes = [2**i for i in range(args.max_mib.bit_length()) if args.min_mib <= 2**i <= args.max_mib]
+    fused = codec_kernels.available(torch.empty(0, device=device), 128)
+    rows = []
+    for mib in sizes:
+        n_rows = max(1, mib * 2**20 // (args.dim * dtype.itemsize))
+        x = torch.randn(n_rows, args.dim, device=device).to(dtype)
+        nbytes = x.numel() * x.element_size()
+        copy_gbps = nbytes / time_ms(partial(torch.empty_like(x).copy_, x), device, args.reps) / 1e6
+        for name in args.codecs:
+            codec = get_codec(name)
+            for kernel in [True, False] if fused else [False]:
+                with kernels(kernel):
+                    enc = time_ms(partial(codec.pack, x, check_finite=False), device, args.reps)
+                    dec = time_ms(partial(codec.unpack, codec.pack(x), x.shape, dtype), device, args.reps)
+                    both = time_ms(partial(round_trip, codec, x), device, args.reps)
+                rates = [nbytes / ms / 1e6 for ms in (enc, dec, both)]
+                ratio = codec.compression_ratio(args.dim, dtype)
+                rows.append(
+                    [mib, f"{name} ({'triton' if kernel else 'eager'})", *(f"{r:.1f}" for r in rates),
+                     f"{copy_gbps:.1f}", f"{rates[2] / copy_gbps:.0%}", f"{ratio:.2f}"]
+                )  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    header = ["payload MiB", "codec", "encode GB/s", "decode GB/s", "encode+decode GB/s", "copy GB/s",
+              "encode+decode / copy", "bytes ratio"]  # fmt: skip
+    body = (
+        f"rows of {args.dim} channels in {str(dtype).removeprefix('torch.')}, one fp32 scale per 128 "
+        "channels; GB/s = uncompressed payload bytes / time (10^9 bytes/s), medians of "
+        f"{args.reps} runs; copy = `dst.copy_(x)` of the same payload\n\n" + markdown_table(header, rows)
+    )
+    write_result("codec_throughput", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""What the strategy does when a step goes wrong: non-finite values and stuck collectives.
+
+Non-finite steps. After the gradients of an optimizer step are reduced, and before clipping and the
+optimizer, `NonFiniteGuard.check` looks at the step's loss and this rank's reduced gradients and
+all-reduces one flag over the whole world, so every rank (every replica, every pipeline stage)
+takes the same decision: with `policy="skip"` the step is dropped everywhere (gradients set to
+None, which SGD and AdamW skip entirely: no moment, weight-decay or router-bias update) and
+counted, until `max_consecutive` steps in a row were bad, when training stops with a message that
+names the step and the first parameter, in layer order, whose gradient went bad; `policy="raise"`
+stops at the first. The check costs one small all-reduce and one host sync per optimizer step.
+
+Stuck collectives. A collective whose peer never arrives fails after the process group's timeout
+(gloo raises; NCCL does with blocking wait) with a message that names neither the operation nor
+the ranks. `collective` wraps the strategy's blocking points (pipeline P2P, expert all-to-all,
+gradient and loss reductions) and re-raises such a failure as `CollectiveError`, naming the
+operation, the mesh group and its global ranks. `set_group_timeouts` gives the mesh's subgroups the
+strategy's timeout: torch creates them with its 30-minute default otherwise.
+
+Restarts. torchrun's agent keeps one TCP store for all restarts of its workers, and every attempt's
+init_process_group writes each rank's address under the same keys: a rank of the restarted group
+can read the address of a rank that died with the last attempt and fail to connect ("Connection
+refused"). `restart_store` gives each attempt keys of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_dsv3.parallel.zero import GradientReducer
+
+NonFinitePolicy = Literal["skip", "raise", "off"]
+POLICIES: tuple[str, ...] = ("skip", "raise", "off")
+_LAYER = re.compile(r"(?:^|\.)(layers|mtp)\.(\d+)\.")
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the strategy that failed or timed out, with its operation, group and ranks."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on non-finite losses or gradients (see `NonFiniteGuard`)."""
+
+
+def _ranks(group: Any) -> list[int]:
+    if not dist.is_initialized():
+        return [0]
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+
+
+@contextmanager
+def collective(op: str, group: Any, group_name: str) -> Iterator[None]:
+    """Re-raise a failure of the collective(s) run inside as a `CollectiveError` with their context.
+
+    `group` is the process group (None: the whole world), `group_name` the mesh's name for it. Wrap
+    only the collective calls: any RuntimeError raised inside is reported as theirs.
+    """
+    start = time.monotonic()
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:
+        waited = time.monotonic() - start
+        raise CollectiveError(
+            f"{op} over the {group_name} group (global ranks {_ranks(group)}) failed after {waited:.1f} s: "
+            f"{err}. Another rank of that group is stuck before this collective or has died (see its "
+            "log); if it is only slow, raise DSV3Strategy(timeout=...)"
+        ) from err
+
+
+def restart_store(timeout: timedelta | None) -> dist.Store | None:
+    """Under torchrun with its shared store (the default), that store seen through a prefix private to
+    this restart attempt; None elsewhere (init_process_group then reads MASTER_ADDR/PORT itself)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=False, timeout=timeout or timedelta(minutes=30),
+    )  # fmt: skip
+    return dist.PrefixStore(f"dsv3/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def set_group_timeouts(groups: Iterable[Any], timeout: timedelta) -> None:
+    """Give each process group `timeout`; the default group keeps the one init_process_group set."""
+    from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
+
+    default = _get_default_group()
+    seen: set[int] = set()
+    for group in groups:
+        if group is None or group is default or id(group) in seen:
+            continue
+        seen.add(id(group))
+        _set_pg_timeout(timeout, group)
+
+
+def layer_order(name: str) -> tuple[int, int, str]:
+    """Sort key of a parameter name in model order: embedding, layers by index, norm and head, MTP."""
+    match = _LAYER.search(name)
+    if match:
+        return (1 if match.group(1) == "layers" else 3, int(match.group(2)), name)
+    return (0 if ".embed." in f".{name}" else 2, 0, name)
+
+
+def describe_layer(name: str) -> str:
+    match = _LAYER.search(name)
+    if not match:
+        return "outside the decoder layers"
+    return f"layer {match.group(2)}" if match.group(1) == "layers" else f"MTP module {match.group(2)}"
+
+
+class NonFiniteGuard:
+    """Decides, the same way on every rank, whether an optimizer step is skipped or training stops.
+
+    Args:
+        policy: "skip" the step (and count it), "raise" at once, or "off" (no check, no sync).
+        max_consecutive: with "skip", stop once this many optimizer steps in a row were non-finite.
+    """
+
+    def __init__(self, policy: NonFinitePolicy = "skip", max_consecutive: int = 5) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"nonfinite must be one of {POLICIES}, got {policy!r}")
+        if max_consecutive < 1:
+            raise ValueError(
+                f"max_consecutive_nonfinite must be >= 1, got {max_consecutive}; use nonfinite='raise' to "
+                "stop at the first non-finite step"
+            )
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.skipped = 0  # optimizer steps skipped so far
+        self.consecutive = 0  # non-finite steps in a row, up to the last one checked
+        self.skip_step = False  # the decision for the step being taken
+        self._streak: tuple[int, str] | None = None  # (first step, first bad parameter) of the streak
+        self._bad_loss: Tensor | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "off"
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Remember whether a loss of this optimizer step (any accumulated micro-step) was not finite."""
+        if self.enabled:
+            bad = (~torch.isfinite(loss.detach())).float()
+            self._bad_loss = bad if self._bad_loss is None else torch.maximum(self._bad_loss, bad)
+
+    def check(self, grads: list[tuple[str, Tensor]], step: int) -> bool:
+        """Whether optimizer step `step` must be skipped; raises NonFiniteError when training must stop.
+
+        `grads` are this rank's reduced gradients by parameter name (a ZeRO-1 rank passes its shard's
+        pieces). A collective over the whole world: every rank calls it at every optimizer step.
+        """
+        self.skip_step = False
+        if not self.enabled:
+            return False
+        device = grads[0][1].device if grads else torch.device("cpu")
+        sums = [g.sum(dtype=torch.float32) for _, g in grads]  # NaN and Inf survive a sum
+        total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
+        bad_loss = self._bad_loss.to(device) if self._bad_loss is not None else torch.zeros((), device=device)
+        flags = torch.stack([(~torch.isfinite(total)).float(), bad_loss])
+        self._bad_loss = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            with collective("non-finite check all_reduce", None, "world"):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_grads, loss_bad = (bool(v) for v in flags.tolist())  # the one host sync
+        if not (bad_grads or loss_bad):
+            self.consecutive, self._streak = 0, None
+            return False
+        first = self._first_bad(grads) if bad_grads else None
+        what = f"gradient of {first} ({describe_layer(first)})" if first else "gradient"
+        if loss_bad:
+            what = f"loss and {what}" if bad_grads else "loss"
+        self.consecutive += 1
+        if self._streak is None:
+            self._streak = (step, what)
+        if self.policy == "raise" or self.consecutive >= self.max_consecutive:
+            start, first_what = self._streak
+            raise NonFiniteError(
+                f"non-finite {what} at optimizer step {step}: {self.consecutive} step(s) in a row "
+                f"(nonfinite={self.policy!r}, max_consecutive_nonfinite={self.max_consecutive}); the streak "
+                f"began at step {start} with a non-finite {first_what}. Lower the learning rate or raise "
+                "gradient clipping, check the data near those steps, or resume from an earlier checkpoint"
+            )
+        self.skipped += 1
+        self.skip_step = True
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            warnings.warn(
+                f"skipped optimizer step {step}: non-finite {what} ({self.consecutive} in a row, training "
+                f"stops at {self.max_consecutive}; {self.skipped} skipped so far)",
+                stacklevel=2,
+            )
+        return True
+
+    @staticmethod
+    def _first_bad(grads: list[tuple[str, Tensor]]) -> str | None:
+        """The first parameter, in layer order over every rank, whose gradient is not finite."""
+        local = [name for name, g in grads if not bool(torch.isfinite(g).all())]
+        mine = min(local, key=layer_order) if local else None
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return mine
+        everyone: list[str | None] = [None] * dist.get_world_size()
+        with collective("non-finite report all_gather_object", None, "world"):
+            dist.all_gather_object(everyone, mine)
+        named = [n for n in everyone if n is not None]
+        return min(named, key=layer_order) if named else None
+
+
+def reduced_gradients(reducer: GradientReducer) -> list[tuple[str, Tensor]]:
+    """This rank's reduced gradients under whole-model names; under ZeRO-1 the pieces of its shard."""
+    from lightning_dsv3.checkpoint import canonical_name  # it imports parallel.expert, which imports us
+
+    out: list[tuple[str, Tensor]] = []
+    for bucket in reducer.buckets:
+        if not reducer.zero:
+            out += [
+                (canonical_name(n), p.grad) for n, p in zip(bucket.names, bucket.params) if p.grad is not None
+            ]
+            continue
+        if bucket.master.grad is None:
+            continue
+        start = bucket.reduce_group.rank * bucket.shard_numel
+        for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets):
+            lo, hi = max(offset, start), min(offset + p.numel(), start + bucket.shard_numel)
+            if hi > lo:
+                out.append((canonical_name(name), bucket.master.grad[lo - start : hi - start]))
+    return out
+
+
+def drop_gradients(model: nn.Module, reducer: GradientReducer) -> None:
+    """Set every gradient (ZeRO-1 shards included) to None: the optimizer then skips its update."""
+    for p in model.parameters():
+        p.grad = None
+    for bucket in reducer.buckets:
+        if bucket.master is not None:
+            bucket.master.grad = None

@@ -1,0 +1,79 @@
+"""The callbacks under DSV3Strategy on two gloo ranks: pp=2 (DualPipeV) logging to W&B offline, and
+ep=2 logging to CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from callback_checks import (
+    OVERRIDES,
+    PEAK_FLOPS,
+    SEQ,
+    expert_parallel_run,
+    pipeline_run,
+    wandb_history,
+    wandb_image_keys,
+    wandb_run_dir,
+)
+from matplotlib.image import imread
+
+from lightning_dsv3.config import get_preset
+
+
+@pytest.fixture(scope="module")
+def run(pool2, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("pp2")
+    results = pool2.run(pipeline_run, str(root))
+    run_dir = wandb_run_dir(root)
+    return {"rank0": results[0], "history": wandb_history(run_dir), "images": wandb_image_keys(run_dir)}
+
+
+def test_timeline_png_and_bubbles(run: dict) -> None:
+    image = imread(run["rank0"]["timeline"])
+    assert image.shape[0] > 200 and image.shape[1] > 800  # a readable chart, not an empty canvas
+    logged = {k: v for row in run["history"] for k, v in row.items() if k.startswith("pipeline/")}
+    for rank in (0, 1):
+        assert 0 <= logged[f"pipeline/bubble/rank{rank}"] < 1
+        assert 0 <= logged[f"pipeline/bubble_predicted/rank{rank}"] < 1
+    assert logged["pipeline/step_ms"] > 0 and logged["pipeline/step_ms_predicted"] > 0
+    assert {"pipeline/cost_ms/F", "pipeline/cost_ms/FB", "pipeline/cost_ms/W"} <= logged.keys()
+
+
+def test_every_rank_and_stage_reaches_rank_zero(run: dict) -> None:
+    rank0 = run["rank0"]
+    assert rank0["layers"] == ["layers.1", "layers.2", "layers.3", "mtp.0.block"]  # both ranks' layers
+    assert {s["rank"]: s["stages"] for s in rank0["memory"]} == {0: (0, 3), 1: (1, 2)}  # DualPipeV's V
+
+
+def test_recommendations_see_the_measured_bubble(run: dict) -> None:
+    measured = run["rank0"]["measured"]
+    assert measured["micro_batch_size"] == 2  # 8 sequences in DualPipeV's 2 x pp micro-batches
+    assert 0 <= measured["bubble_fraction"] < 1  # the timeline's worst rank
+    if measured["bubble_fraction"] > 0.1:
+        assert any(line.startswith("pipeline:") for line in run["rank0"]["recommendations"])
+
+
+def test_wandb_history_and_images(run: dict) -> None:
+    keys = {k for row in run["history"] for k in row}
+    assert {
+        "memory/rank0/rss_mib", "memory/rank1/params_mib", "experts/max_violation/layers.3",
+        "experts/bias_spread/mtp.0.block", "train/device/items_per_sec", "train/device/mfu",
+        "pipeline/bubble_table/_type", "experts/load/_type", "memory/samples/_type",
+    } <= keys  # fmt: skip
+    assert run["images"] == {"pipeline/timeline", "experts/heatmap", "memory/plot"}
+    # a pipeline "device" is the pipeline: its peak is pp x one device's
+    row = next(r for r in run["history"] if "train/device/mfu" in r)
+    assert row["train/device/mfu"] == pytest.approx(row["train/device/flops_per_sec"] / (2 * PEAK_FLOPS))
+
+
+def test_expert_parallel_communication_and_global_loads(pool2, tmp_path: Path) -> None:
+    """ep=2: each rank's dispatch telemetry under its own key, and expert loads summed over both
+    data slices (2 x batch x seq x top_k tokens per layer)."""
+    rank0 = pool2.run(expert_parallel_run, str(tmp_path))[0]
+    keys = {k for row in rank0["rows"] for k, v in row.items() if v}
+    for rank in (0, 1):
+        assert {f"comm/ep.dispatch/bytes/rank{rank}", f"comm/ep.dispatch/bytes_sent/rank{rank}"} <= keys
+    config = get_preset("debug", **OVERRIDES)
+    assert sum(rank0["experts"]["layers.1"]["load"]) == 2 * 8 * SEQ * config.n_activated_experts
+    assert {"train/items_per_sec", "train/device/items_per_sec"} <= keys  # two data-parallel replicas
