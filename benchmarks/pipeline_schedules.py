@@ -254,6 +254,41 @@ def run_ours(
     return row
 
 
+def run_one_device(
+    config: ModelConfig, tokens: torch.Tensor, args: argparse.Namespace, device: torch.device, dtype: Any
+) -> Row:
+    """The baseline: the whole model on rank 0 alone, forward and backward of the same micro-batches one
+    after the other (gradients accumulate, as in the pipelines); the other ranks wait."""
+    row = Row("one device", "no pipeline")
+    rank = dist.get_rank()
+    if rank == 0:
+        model = Transformer(config, tuple(range(config.n_layers)), True, True)
+        model.init_weights(0)
+        model.to(device=device, dtype=dtype)
+        micro = list(tokens.chunk(args.n_microbatches))
+        for i in range(args.warmup + args.steps):
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            ces = []
+            for mb in micro:
+                out = model.training_loss(mb)
+                (out.loss / args.n_microbatches).backward()
+                ces.append(out.ce.detach())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i == 0:
+                row.first_loss = float(torch.stack(ces).mean())
+            if i >= args.warmup:
+                row.step_s.append(time.perf_counter() - start)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dist.barrier()
+    return row
+
+
 def _timed(
     clock: ActionClock, fn: Callable[..., Any], op_of: Callable[..., str], chunk: int
 ) -> Callable[..., Any]:
@@ -309,7 +344,8 @@ def run_torch(
         row.note = str(err).splitlines()[0]
         return row
     first, last = 0 in stage_ids, ours.n_stages - 1 in stage_ids
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # contiguous: torch's stages check the strides of their inputs against the first micro-batch's
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step() -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
@@ -327,18 +363,21 @@ def run_torch(
 def report(rows: list[Row], args: argparse.Namespace, world: int) -> None:
     tokens = args.n_microbatches * args.micro_batch * args.seq_len
     table = []
+    one_device = next((statistics.median(r.step_s) for r in rows if r.impl == "one device"), None)
     for r in rows:
         if r.note:
-            table.append([r.impl, r.schedule, "—", "—", "—", "—", "—", "—", "—", "—", "—", "—", r.note[:80]])
+            table.append([r.impl, r.schedule, *["—"] * 11, r.note[:80]])
             continue
         step = statistics.median(r.step_s)
+        speedup = f"{one_device / step:.2f}x" if one_device else "—"
+        bubble = f"{statistics.median(r.bubble):.1%}" if r.bubble else "—"
         pred_b = f"{statistics.median(r.predicted_bubble):.1%}" if r.predicted_bubble else "—"
         pred_s = f"{statistics.median(r.predicted_step_s) * 1e3:.1f}" if r.predicted_step_s else "—"
         ms = {op: statistics.median(v) for op, v in r.action_ms.items()}
         costs = [f"{ms[op]:.2f}" if op in ms else "—" for op in ("F", "B", "W", "BW", "FB")]
         table.append(
-            [r.impl, r.schedule, f"{step * 1e3:.1f}", f"{tokens / step:,.0f}",
-             f"{statistics.median(r.bubble):.1%}", pred_b, pred_s, *costs, f"{r.first_loss:.4f}"]
+            [r.impl, r.schedule, f"{step * 1e3:.1f}", f"{tokens / step:,.0f}", speedup, bubble, pred_b,
+             pred_s, *costs, f"{r.first_loss:.4f}"]
         )  # fmt: skip
     body = (
         f"preset {args.preset} (MTP off), pp={world} (one pipeline rank per process), "
@@ -346,13 +385,15 @@ def report(rows: list[Row], args: argparse.Namespace, world: int) -> None:
         f"{args.steps} timed steps after {args.warmup} warm-up; forward and backward only. Bubble: the "
         "largest share of the step one rank spent outside its compute actions; predicted: the simulator "
         "on our schedule of that name with the measured median action times (ZBV has no counterpart in "
-        "our schedule IR). Action times are medians in ms (B: input gradient only; BW: full backward).\n\n"
+        "our schedule IR); vs one device: against the whole model on one device running the same "
+        "micro-batches. Action times are medians in ms (B: input gradient only; BW: full backward).\n\n"
         + markdown_table(
             [
                 "implementation",
                 "schedule",
                 "step ms",
                 "tokens/s",
+                "vs one device",
                 "bubble measured",
                 "bubble predicted",
                 "predicted step ms",
@@ -394,7 +435,7 @@ def main() -> None:
     batch = args.n_microbatches * args.micro_batch
     tokens = torch.randint(0, config.vocab_size, (batch, args.seq_len + 1), generator=gen).to(device)
 
-    rows = []
+    rows = [run_one_device(config, tokens, args, device, dtype)]
     for name in filter(None, args.ours.split(",")):
         rows.append(run_ours(name, config, tokens, args, device, dtype))
     for name in filter(None, args.torch.split(",")):

@@ -85,6 +85,7 @@ class Tape:
                     outs = [o for o, _ in pairs]
                     seeds = [g if g is not None else torch.ones_like(o) for o, g in pairs]
                     grad_inputs = self._run_backward(part, outs, seeds, split)
+                    streams.share(*grad_inputs)
                     for leaf, g in zip(part.inputs, grad_inputs):
                         if g is not None:
                             key = id(self.sources.get(id(leaf), leaf))
@@ -154,6 +155,29 @@ class Streams:
         chain.last = end
         if self.record:
             self.records.append(PartRecord(name, kind, start, end))
+
+    def join(self, chain: Chain) -> None:
+        """Make the compute stream (where NCCL's sends and receives are ordered, and where the caller
+        reads results) wait for the last part of `chain`, which may have run on the comm stream."""
+        if self.cuda and chain.last is not None:
+            self.compute.wait_event(chain.last)
+
+    def resume(self, chain: Chain) -> None:
+        """Order `chain`'s next part after everything queued on the compute stream so far: a received
+        activation or gradient lands there, and the next part may run on the comm stream."""
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.compute)
+            chain.last = event
+
+    def share(self, *tensors: torch.Tensor | None) -> None:
+        """Mark tensors that one stream made and the other reads as in use by both, so the caching
+        allocator does not hand their memory to the other stream while work on them is queued."""
+        if self.cuda:
+            for t in tensors:
+                if t is not None and t.is_cuda:
+                    t.record_stream(self.compute)
+                    t.record_stream(self.comm)
 
 
 def _block_params(block: Block, part: str) -> list[nn.Parameter]:
@@ -229,6 +253,7 @@ def _layer_parts(
         st = block.attention(x_in, cos, sin)
     outs = [st.h, st.x] + ([st.routing.weights, st.routed] if block.is_moe else [])
     tape.parts.append(_Part(f"{name}.attention", COMPUTE, [x_in], outs, _block_params(block, "attention")))
+    streams.share(*outs)
     st.h, st.x = tape.leaf(st.h), tape.leaf(st.x)
     if block.is_moe:
         st.routing.weights, st.routed = tape.leaf(st.routing.weights), tape.leaf(st.routed)
@@ -238,6 +263,7 @@ def _layer_parts(
         st = block.dispatch(st)
     if block.is_moe:
         tape.parts.append(_Part(f"{name}.dispatch", COMM, [st.routed], [st.received], []))
+        streams.share(st.received)
         st.received = tape.leaf(st.received)
     yield COMM
 
@@ -246,6 +272,7 @@ def _layer_parts(
         st = block.mlp(st)
     mlp_out = [t for t in (st.expert_out, st.ffn_out) if t is not None]
     tape.parts.append(_Part(f"{name}.mlp", COMPUTE, mlp_in, mlp_out, _block_params(block, "mlp")))
+    streams.share(*mlp_out)
     st.expert_out = tape.leaf(st.expert_out) if st.expert_out is not None else None
     st.ffn_out = tape.leaf(st.ffn_out) if st.ffn_out is not None else None
     yield COMPUTE
@@ -256,6 +283,7 @@ def _layer_parts(
     with streams.part(COMM, chain, f"{name}.combine"):
         out = block.combine(st)
     tape.parts.append(_Part(f"{name}.combine", COMM, comb_in, [out], []))
+    streams.share(out)
     yield COMM
 
 

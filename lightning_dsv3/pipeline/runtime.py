@@ -171,6 +171,7 @@ class PipelineRuntime:
         first_input = tokens[:, :-1] if stage == 0 else state.acts.pop((mb, c)).requires_grad_(True)
         tape = Tape()
         chain = Chain()
+        self.streams.resume(chain)  # after the receive of its input
         state.chains[(mb, c)] = chain
         yield from forward_parts(
             self.chunks[c],
@@ -184,6 +185,7 @@ class PipelineRuntime:
             self.streams,
             chain,
         )
+        self.streams.join(chain)  # the output leaves through NCCL, ordered on the compute stream
         state.tapes[(mb, c)] = tape
         if last:
             state.losses.append((mb, tape.loss))
@@ -219,7 +221,10 @@ class PipelineRuntime:
         tape = state.tapes[(mb, c)]
         stage = schedule.stage_of(self.rank, c)
         grad_out = None if stage == schedule.n_stages - 1 else state.grads.pop((mb, c))
-        yield from tape.backward_parts(grad_out, split, self.streams, state.chains.pop((mb, c)))
+        chain = state.chains.pop((mb, c))
+        self.streams.resume(chain)  # after the receive of its output gradient
+        yield from tape.backward_parts(grad_out, split, self.streams, chain)
+        self.streams.join(chain)
         if not split:
             del state.tapes[(mb, c)]
         if stage > 0:
