@@ -367,7 +367,10 @@ class DSV3Strategy(ParallelStrategy):
                 outs = [out for _, out in self.runtime.run(micro, grad_scale)]
             else:
                 outs = []
-                for mb in micro:
+                last_step = (batch_idx + 1) % self._accumulation() == 0
+                for i, mb in enumerate(micro):
+                    if last_step and i == len(micro) - 1 and self.reducer is not None:
+                        self.reducer.arm()  # buckets reduce while this last backward runs
                     out = module.model.training_loss(mb)
                     (out.loss * grad_scale).backward()
                     outs.append(out)

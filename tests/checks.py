@@ -150,6 +150,7 @@ def strategy_run(
         "state_bytes": strategy.optimizer_state_bytes(),
         "shard_sizes": [(b.reduce_group.size, b.numel, b.shard_numel) for b in strategy.reducer.buckets],
         "comm": strategy.communication_stats(),
+        "early_launches": strategy.reducer.early_launches,
     }
 
 

@@ -11,6 +11,13 @@ shard while LR schedulers, `param_groups` and `state_dict` keep working on the s
 A step is: reduce-scatter the bucket gradients (all buckets in flight at once) -> step the shards
 -> all-gather the updated shards back into the model's parameters.
 
+Reductions start during the backward: once `arm` is called before the last backward of a step, a
+bucket's collective is launched from the gradient hook of its last parameter to finish, while
+autograd goes on with earlier layers. Buckets launch in one fixed order (latest layers first) on every
+rank, each only after those before it, so every group sees its collectives in the same sequence even
+when a rank's bucket is not ready (an expert that got no tokens on this rank has no gradient to wait
+for): that bucket, and the ones after it, launch in `reduce_gradients`.
+
 `bucket_bytes` caps a bucket's size (a parameter is never split; one larger than the cap gets a
 bucket of its own): with several buckets in flight, flattening one overlaps the collective of the
 previous, at the price of a fixed latency per collective (the strategy picks the cap from its
@@ -33,8 +40,10 @@ resumed run starts them at zero.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -140,6 +149,17 @@ class GradientReducer:
             self.buckets.extend(new)
             if zero:
                 param_group["params"] = [self._make_master(b) for b in new]
+        # launch order: the bucket holding the latest parameter of the model first (backward order)
+        position = {name: i for i, name in enumerate(name_of.values())}
+        self._order = sorted(self.buckets, key=lambda b: -max(position[n] for n in b.names))
+        self._armed = False
+        self._ready: dict[int, set[int]] = {}  # bucket index in _order -> ids of its finished params
+        self._launched: list[tuple[Bucket, torch.Tensor, dist.Work | None]] = []
+        self.early_launches = 0
+        this = weakref.ref(self)  # the hooks must not keep a replaced reducer (and its shards) alive
+        for k, bucket in enumerate(self._order):
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(partial(_notify, this, k))
 
     def _make_master(self, bucket: Bucket) -> nn.Parameter:
         flat = self._flat([p.detach() for p in bucket.params], bucket, torch.float32)
@@ -166,35 +186,61 @@ class GradientReducer:
     def _link(self, rg: ReduceGroup) -> Link:
         return Link(rg.group, rg.name, self.telemetry)
 
+    def arm(self) -> None:
+        """Start each bucket's reduction as soon as the next backward has finished its gradients.
+
+        Call it before the last backward of a step only: a gradient that another backward would still
+        add to must not be sent. Compressed reductions (a started codec) wait for `reduce_gradients`.
+        """
+        self._armed = self.codec is None or not self.codec.started
+        self._ready = {}
+        self._launched = []
+
+    @torch.no_grad()
+    def _on_gradient(self, k: int, param: torch.Tensor) -> None:
+        if not self._armed or k < len(self._launched):
+            return
+        self._ready.setdefault(k, set()).add(id(param))
+        while len(self._launched) < len(self._order):  # launch, in order, every bucket that is ready
+            nxt = len(self._launched)
+            if len(self._ready.get(nxt, ())) < len(self._order[nxt].params):
+                break
+            self._launched.append(self._launch(self._order[nxt]))
+
+    def _launch(self, bucket: Bucket) -> tuple[Bucket, torch.Tensor, dist.Work | None]:
+        """Start the bucket's reduction: (bucket, the tensor it lands in, the collective's handle)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        dtype = torch.float32 if self.zero else grads[0].dtype
+        rg = bucket.reduce_group
+        work = None
+        if rg.size > 1 and self.codec is not None and self.codec.started:
+            flat = self._codec_reduce(bucket, grads, dtype).mul_(rg.size)  # a sum, like the rest
+            if self.zero:
+                start = rg.rank * bucket.shard_numel
+                flat = flat[start : start + bucket.shard_numel]
+        elif self.zero:
+            full = self._flat(grads, bucket, dtype)
+            flat = full.new_empty(bucket.shard_numel)
+            if rg.size > 1:
+                work = self._link(rg).reduce_scatter(flat, full, "reduce_scatter", async_op=True)
+            else:
+                flat.copy_(full)
+        else:
+            flat = self._flat(grads, bucket, dtype)
+            if rg.size > 1:
+                work = self._link(rg).all_reduce(flat, "all_reduce", async_op=True)
+        if self.zero:
+            for p in bucket.params:
+                p.grad = None  # the shard holds what this rank needs; free the full gradient
+        return bucket, flat, work
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Average every gradient over its group (ZeRO-1: into this rank's master shard only)."""
-        pending = []
-        for bucket in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-            dtype = torch.float32 if self.zero else grads[0].dtype
-            rg = bucket.reduce_group
-            work = None
-            if rg.size > 1 and self.codec is not None and self.codec.started:
-                flat = self._codec_reduce(bucket, grads, dtype).mul_(rg.size)  # a sum, like the rest
-                if self.zero:
-                    start = rg.rank * bucket.shard_numel
-                    flat = flat[start : start + bucket.shard_numel]
-            elif self.zero:
-                full = self._flat(grads, bucket, dtype)
-                flat = full.new_empty(bucket.shard_numel)
-                if rg.size > 1:
-                    work = self._link(rg).reduce_scatter(flat, full, "reduce_scatter", async_op=True)
-                else:
-                    flat.copy_(full)
-            else:
-                flat = self._flat(grads, bucket, dtype)
-                if rg.size > 1:
-                    work = self._link(rg).all_reduce(flat, "all_reduce", async_op=True)
-            if self.zero:
-                for p in bucket.params:
-                    p.grad = None  # the shard holds what this rank needs; free the full gradient
-            pending.append((bucket, flat, work))
+        self._armed = False
+        pending, self._launched = self._launched, []
+        self.early_launches = len(pending)  # of this step's buckets, launched during the backward
+        pending += [self._launch(bucket) for bucket in self._order[len(pending) :]]
         for bucket, flat, work in pending:
             if work is not None:
                 work.wait()
@@ -322,3 +368,10 @@ class GradientReducer:
             "local": int(local + masters),
             "replicated": int(per_element * full_numel + (4 * full_numel if self.zero else 0)),
         }
+
+
+def _notify(reducer: weakref.ref[GradientReducer], k: int, param: torch.Tensor) -> None:
+    """A parameter's gradient hook: tell its reducer, if it still exists, that bucket k has one more."""
+    live = reducer()
+    if live is not None:
+        live._on_gradient(k, param)

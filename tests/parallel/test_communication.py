@@ -217,6 +217,27 @@ def test_bucket_cap_splits_groups_and_keeps_each_parameter_whole() -> None:
     assert len(opt.param_groups[0]["params"]) == 3  # one ZeRO-1 master per bucket
 
 
+def test_armed_buckets_launch_in_backward_order_as_their_gradients_finish() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    grads = {}
+    rg = ReduceGroup("dp_ep", None, 1, 0)
+    for arm in (False, True):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        reducer = GradientReducer(net.named_parameters(), opt, lambda n: rg, 1, zero=False, bucket_bytes=1200)
+        if arm:
+            reducer.arm()
+        net.zero_grad()
+        net(x).square().sum().backward()
+        if arm:  # every bucket went out from the hooks, the last layer's first
+            assert [b.names[0] for b, _, _ in reducer._launched] == ["2.weight", "1.weight", "0.weight"]
+        reducer.reduce_gradients()
+        assert reducer.early_launches == (3 if arm else 0)
+        grads[arm] = [p.grad.clone() for p in net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
 # ---- telemetry and the adaptive choices ----------------------------------------------------------
 def test_telemetry_unions_overlapping_calls_and_reports_peaks() -> None:
     table = BandwidthTable({("dp_ep", "all_reduce"): [(1000, 1.0), (4000, 4.0)]})
