@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,42 @@ class ActionTiming:
     action: str
     start_s: float
     end_s: float
+
+
+class ActionClock:
+    """Start and end marks of a step's compute actions: CUDA events on GPUs, read only when the timings
+    are asked for (the step never waits for the device), the wall clock on CPU. Host times on a GPU
+    would measure kernel launches, not the kernels."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._t0: Any = None
+        self._marks: list[tuple[str, Any, Any]] = []
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._marks = []
+        self._t0 = self.mark()
+
+    def add(self, action: str, start: Any, end: Any) -> None:
+        self._marks.append((action, start, end))
+
+    def read(self) -> list[ActionTiming]:
+        """The actions in seconds from the start of the step (waits for the step's last action)."""
+        if self.cuda:
+            if self._marks:
+                self._marks[-1][2].synchronize()
+            return [
+                ActionTiming(a, self._t0.elapsed_time(s) / 1e3, self._t0.elapsed_time(e) / 1e3)
+                for a, s, e in self._marks
+            ]
+        return [ActionTiming(a, s - self._t0, e - self._t0) for a, s, e in self._marks]
 
 
 @dataclass
@@ -83,8 +120,14 @@ class PipelineRuntime:
         self.group = group
         self.global_rank = global_rank
         self.loss_fn = loss_fn
-        self.timings: list[ActionTiming] = []
-        self.streams = Streams(next(chunks[0].parameters()).device)
+        device = next(chunks[0].parameters()).device
+        self.streams = Streams(device)
+        self.action_clock = ActionClock(device)
+
+    @property
+    def timings(self) -> list[ActionTiming]:
+        """The last step's compute actions, start and end in seconds from the start of the step."""
+        return self.action_clock.read()
 
     # ---- public ----------------------------------------------------------------------------------
     def run(self, microbatches: list[torch.Tensor], loss_scale: float) -> list[tuple[int, LossOutput]]:
@@ -109,8 +152,7 @@ class PipelineRuntime:
             raise ValueError(
                 f"the schedule runs {schedule.n_microbatches} micro-batches, got {len(microbatches)}"
             )
-        self.timings = []
-        self._t0 = time.perf_counter()
+        self.action_clock.start()
         state = _State()
         actions = schedule.actions[self.rank]
         i = 0
@@ -138,7 +180,7 @@ class PipelineRuntime:
         loss_scale: float,
         grad: bool,
     ) -> None:
-        start = time.perf_counter()
+        start = self.action_clock.mark()
         op = action.op
         if not grad:
             self._forward_no_grad(schedule, action.mb, action.chunk, state, microbatches)
@@ -153,7 +195,7 @@ class PipelineRuntime:
             _drain(self._backward(schedule, action.mb, action.chunk, state, split=op is Op.B))
         elif op is Op.W:
             state.tapes.pop((action.mb, action.chunk)).backward_weights()
-        self.timings.append(ActionTiming(str(action), start - self._t0, time.perf_counter() - self._t0))
+        self.action_clock.add(str(action), start, self.action_clock.mark())
 
     def _forward(
         self,
