@@ -77,6 +77,8 @@ class DSV3Strategy(ParallelStrategy):
             nodes, then within) unless hierarchical_dispatch=False.
         max_nodes_per_token: node-limited routing, each token's experts on at most this many nodes.
         bucket_bytes: cap on a gradient bucket (None: chosen by the network probe, or no cap).
+        layer_costs: pp > 1: one cost per decoder layer (e.g. measured milliseconds) to cut the
+            stages by, instead of the FLOP model (`lightning_dsv3.pipeline.partition`).
         probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
             dispatch compression pays (None: on GPUs only).
         start_method: how `devices=N` processes start on one machine when no launcher made them:
@@ -108,6 +110,7 @@ class DSV3Strategy(ParallelStrategy):
         hierarchical_dispatch: bool | None = None,
         bucket_bytes: int | None = None,
         probe_network: bool | None = None,
+        layer_costs: list[float] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -145,6 +148,7 @@ class DSV3Strategy(ParallelStrategy):
         self._timeout = timeout
         self.nonfinite = faults.NonFiniteGuard(nonfinite, max_consecutive_nonfinite)
         self._probe_network = probe_network
+        self._layer_costs = layer_costs
         self.comm: Communication | None = None
         self.mesh: ParallelMesh | None = None
         self.reducer: GradientReducer | None = None
@@ -231,7 +235,7 @@ class DSV3Strategy(ParallelStrategy):
         self.module.check_data(getattr(self.module._trainer, "datamodule", None))
         if config.pp > 1:
             schedule = make_schedule(config.schedule, config.pp, self.n_microbatches())
-            self.plan = StagePlan.build(self.module.config, schedule)
+            self.plan = StagePlan.build(self.module.config, schedule, layer_costs=self._layer_costs)
         n_experts = self.module.config.n_routed_experts
         if self.module.config.n_moe_layers and n_experts % config.ep != 0:
             raise ValueError(

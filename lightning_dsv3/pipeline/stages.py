@@ -9,6 +9,7 @@ per set of holder ranks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,15 @@ class StagePlan:
     layers: list[range]
 
     @classmethod
-    def build(cls, config: ModelConfig, schedule: PipelineSchedule, seq_len: int | None = None) -> StagePlan:
-        return cls(schedule, partition(config, schedule.n_stages, seq_len))
+    def build(
+        cls,
+        config: ModelConfig,
+        schedule: PipelineSchedule,
+        seq_len: int | None = None,
+        layer_costs: Sequence[float] | None = None,
+    ) -> StagePlan:
+        """Stages cut by the FLOP model, or by `layer_costs` (one per layer, e.g. measured times)."""
+        return cls(schedule, partition(config, schedule.n_stages, seq_len, layer_costs))
 
     def chunks_of(self, pp_rank: int) -> list[ChunkSpec]:
         last = self.schedule.n_stages - 1

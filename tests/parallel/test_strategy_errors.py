@@ -59,3 +59,19 @@ def test_batch_that_does_not_split_into_microbatches() -> None:
     strategy = DSV3Strategy(n_microbatches=3)
     with pytest.raises(ValueError, match="does not split into n_microbatches=3"):
         strategy.split_microbatches(torch.zeros(4, 9, dtype=torch.long))
+
+
+def test_measured_layer_costs_cut_the_stages() -> None:
+    module = DeepSeekV3Module()
+    n = module.config.n_layers
+    strategy = DSV3Strategy(pp=2, schedule="1f1b", n_microbatches=2, layer_costs=[100.0] + [1.0] * (n - 1))
+    strategy._lightning_module = module
+    strategy._validate(world_size=2)
+    assert list(strategy.plan.layers[0]) == [0]  # the costly first layer is a stage of its own
+
+
+def test_layer_costs_of_the_wrong_length_are_refused_before_launch() -> None:
+    strategy = DSV3Strategy(pp=2, schedule="1f1b", n_microbatches=2, layer_costs=[1.0, 2.0, 3.0])
+    strategy._lightning_module = DeepSeekV3Module()
+    with pytest.raises(ValueError, match="layer_costs has 3 entries"):
+        strategy._validate(world_size=2)
