@@ -13,7 +13,6 @@ codec with the kernels switched off, the torch-ops path every other device uses.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.results_io import markdown_table, write_result
+from benchmarks.results_io import markdown_table, payload_sizes_mib, payload_sweep_parser, write_result
 from lightning_dsv3.parallel import codec_kernels
 from lightning_dsv3.parallel.compression import BlockCodec, get_codec
 
@@ -64,17 +63,11 @@ def kernels(enabled: bool) -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--min-mib", type=int, default=1)
-    parser.add_argument("--max-mib", type=int, default=1024)
-    parser.add_argument("--dim", type=int, default=7168, help="channels per row (DeepSeek-V3: 7168)")
+    parser = payload_sweep_parser(__doc__)
     parser.add_argument(
         "--dtype", default=None, help="payload dtype (default: bfloat16 on GPU, float32 on CPU)"
     )
     parser.add_argument("--codecs", nargs="+", default=["fp8", "int8"])
-    parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,10 +76,9 @@ def main() -> None:
         if args.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    sizes = [2**i for i in range(args.max_mib.bit_length()) if args.min_mib <= 2**i <= args.max_mib]
     fused = codec_kernels.available(torch.empty(0, device=device), 128)
     rows = []
-    for mib in sizes:
+    for mib in payload_sizes_mib(args):
         n_rows = max(1, mib * 2**20 // (args.dim * dtype.itemsize))
         x = torch.randn(n_rows, args.dim, device=device).to(dtype)
         nbytes = x.numel() * x.element_size()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from benchmarks.results_io import markdown_table, write_result
+from benchmarks.results_io import markdown_table, payload_sizes_mib, payload_sweep_parser, write_result
 from lightning_dsv3.parallel.compression import Fp8BlockCodec
 from lightning_dsv3.parallel.expert import AllToAllDispatcher
 from lightning_dsv3.parallel.telemetry import CommTelemetry, Link
@@ -90,14 +90,8 @@ def bench_size(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--min-mib", type=int, default=1)
-    parser.add_argument("--max-mib", type=int, default=1024)
-    parser.add_argument("--dim", type=int, default=7168, help="channels per row (DeepSeek-V3: 7168)")
+    parser = payload_sweep_parser(__doc__)
     parser.add_argument("--experts-per-rank", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -108,9 +102,8 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = torch.bfloat16 if cuda else torch.float32
     link = Link(dist.group.WORLD, "ep", CommTelemetry(device, enabled=False))
-    sizes = [2**i for i in range(args.max_mib.bit_length()) if args.min_mib <= 2**i <= args.max_mib]
     rows = []
-    for mib in sizes:
+    for mib in payload_sizes_mib(args):
         rows += bench_size(mib, args, link, device, dtype)
         if cuda:
             torch.cuda.empty_cache()

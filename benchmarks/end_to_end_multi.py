@@ -102,28 +102,9 @@ def train(variant: str, args: argparse.Namespace, world: int) -> dict[str, Any]:
     return {"step_s": timer.step_s, "losses": timer.losses, "peak_bytes": int(peak)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--global-batch", type=int, help="sequences per step (default: 8 per device)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--variants", help="separated by ';' (layouts use commas); default: all")
-    args = parser.parse_args()
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args.global_batch = args.global_batch or 8 * world
+def report(results: dict[str, Any], args: argparse.Namespace, world: int) -> None:
+    """Rank 0: the table, printed and written to benchmarks/results/."""
     cuda = torch.cuda.is_available()
-    variants = args.variants.split(";") if args.variants else default_variants(world)
-    if not cuda and "fsdp" in variants:
-        variants.remove("fsdp")  # Lightning's FSDPStrategy needs GPUs
-    results = {v: train(v, args, world) for v in variants}
-    if dist.get_rank() != 0:
-        return
     config = get_preset(args.preset, max_seq_len=args.seq_len, original_seq_len=args.seq_len)
     flops = train_flops(config, args.global_batch, args.seq_len)
     peak = matmul_peak_tflops() if cuda else float("nan")
@@ -158,6 +139,34 @@ def main() -> None:
         )  # fmt: skip
     )
     write_result(f"end_to_end_multi-{args.preset}-{world}x", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--global-batch", type=int, help="sequences per step (default: 8 per device)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--variants", help="separated by ';' (layouts use commas); default: all")
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.global_batch = args.global_batch or 8 * world
+    cuda = torch.cuda.is_available()
+    variants = args.variants.split(";") if args.variants else default_variants(world)
+    if not cuda and "fsdp" in variants:
+        variants.remove("fsdp")  # Lightning's FSDPStrategy needs GPUs
+    results = {v: train(v, args, world) for v in variants}
+    if dist.get_rank() == 0:
+        report(results, args, world)
+    # every rank leaves its process groups: a rank that exits while rank 0 still reports can
+    # abort in gloo's threads at interpreter shutdown
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

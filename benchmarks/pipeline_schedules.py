@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.results_io import markdown_table, write_result
-from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, predicted
+from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, parse_action, predicted
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
-from lightning_dsv3.pipeline.runtime import PipelineRuntime
+from lightning_dsv3.pipeline.runtime import ActionClock, PipelineRuntime
 from lightning_dsv3.pipeline.schedules import PipelineSchedule, ScheduleError, make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -55,64 +55,6 @@ TORCH = {  # our name -> torch.distributed.pipelining class, V-shaped (two stage
     "dualpipev": ("ScheduleDualPipeV", True),
 }
 TOKEN_SEED = 1234
-
-
-class ActionClock:
-    """Start and end of every compute action of a step on this rank.
-
-    On GPUs each mark is a CUDA event on the current stream, read after the step: device time,
-    without synchronising inside the step. On CPU, the wall clock.
-    """
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.actions: list[tuple[str, str, int, Any, Any]] = []  # op, micro-batch label, chunk, start, end
-        self._t0: Any = None
-
-    def mark(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start_step(self) -> None:
-        self.actions = []
-        self._t0 = self.mark()
-
-    def add(self, op: str, label: str, chunk: int, start: Any, end: Any) -> None:
-        self.actions.append((op, label, chunk, start, end))
-
-    def bars(self) -> list[Bar]:
-        """The step's actions in seconds from its start (waits for the device on GPUs)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-
-            def since(mark: Any) -> float:
-                return self._t0.elapsed_time(mark) / 1e3
-        else:
-
-            def since(mark: Any) -> float:
-                return mark - self._t0
-
-        return [Bar(op, label, chunk, since(s), since(e)) for op, label, chunk, s, e in self.actions]
-
-
-class TimedRuntime(PipelineRuntime):
-    """Our runtime with every compute action bracketed by the ActionClock.
-
-    The runtime's own `timings` are host wall-clock times, which on GPUs measure kernel launches, not
-    the kernels; the clock's CUDA events measure the device.
-    """
-
-    clock: ActionClock
-
-    def _compute(self, schedule: PipelineSchedule, action: Any, *args: Any) -> None:
-        start = self.clock.mark()
-        super()._compute(schedule, action, *args)
-        op = action.op.name
-        label = f"{action.mb}|{action.mb2}" if op == "FB" else str(action.mb)
-        self.clock.add(op, label, action.chunk, start, self.clock.mark())
 
 
 class TorchStageModule(nn.Module):
@@ -151,22 +93,34 @@ class Row:
     note: str = ""
 
 
-def build_chunks(
-    config: ModelConfig, schedule: PipelineSchedule, rank: int, seq_len: int, device: torch.device, dtype: Any
-) -> list[Transformer]:
-    """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values."""
-    plan = StagePlan.build(config, schedule, seq_len)
-    chunks = []
-    for spec in plan.chunks_of(rank):
-        chunk = Transformer(config, spec.layer_ids, spec.with_embedding, spec.with_head)
-        chunk.init_weights(0)
-        chunks.append(chunk.to(device=device, dtype=dtype))
-    return chunks
+@dataclass(frozen=True)
+class Bench:
+    """What every run measures with: one model, one step's tokens, the options and where to run, so the
+    rows compare the same work."""
+
+    config: ModelConfig
+    tokens: torch.Tensor  # (n_microbatches * micro_batch, seq_len + 1)
+    args: argparse.Namespace
+    device: torch.device
+    dtype: Any
+
+    def clock(self) -> ActionClock:
+        return ActionClock(self.device)
+
+    def chunks(self, schedule: PipelineSchedule, rank: int) -> list[Transformer]:
+        """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values."""
+        plan = StagePlan.build(self.config, schedule, self.args.seq_len)
+        chunks = []
+        for spec in plan.chunks_of(rank):
+            chunk = Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head)
+            chunk.init_weights(0)
+            chunks.append(chunk.to(device=self.device, dtype=self.dtype))
+        return chunks
 
 
 def gather_bars(clock: ActionClock) -> list[list[Bar]]:
     ranks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, clock.bars())
+    dist.all_gather_object(ranks, [parse_action(t.action, t.start_s, t.end_s) for t in clock.read()])
     return ranks
 
 
@@ -189,11 +143,11 @@ def measure(
     step: Callable[[], list[torch.Tensor]],
     clock: ActionClock,
     sim_schedule: PipelineSchedule | None,
-    args: argparse.Namespace,
-    device: torch.device,
+    bench: Bench,
     modules: list[nn.Module],
 ) -> None:
     """Run warm-up and timed steps; fill `row` on every rank (rank 0 reports it)."""
+    args, device = bench.args, bench.device
     cuda = device.type == "cuda"
     for i in range(args.warmup + args.steps):
         for m in modules:
@@ -201,7 +155,7 @@ def measure(
         dist.barrier()
         if cuda:
             torch.cuda.synchronize()
-        clock.start_step()
+        clock.start()
         start = time.perf_counter()
         losses = step()
         if cuda:
@@ -225,46 +179,39 @@ def measure(
             row.predicted_step_s.append(sim_span)
 
 
-def run_ours(
-    name: str,
-    config: ModelConfig,
-    tokens: torch.Tensor,
-    args: argparse.Namespace,
-    device: torch.device,
-    dtype: Any,
-) -> Row:
+def run_ours(name: str, bench: Bench) -> Row:
     row = Row("lightning_dsv3", name)
     rank, pp = dist.get_rank(), dist.get_world_size()
+    n_micro = bench.args.n_microbatches
     try:
-        schedule = make_schedule(name, pp, args.n_microbatches)
+        schedule = make_schedule(name, pp, n_micro)
     except (ValueError, ScheduleError) as err:
         row.note = str(err)
         return row
-    chunks = build_chunks(config, schedule, rank, args.seq_len, device, dtype)
-    runtime = TimedRuntime(
+    chunks = bench.chunks(schedule, rank)
+    runtime = PipelineRuntime(
         schedule, chunks, rank, dist.group.WORLD, lambda r: r, lambda chunk, h, t: chunk.loss(h, t)
     )
-    runtime.clock = clock = ActionClock(device.type == "cuda")
-    micro = list(tokens.chunk(args.n_microbatches))
+    clock = runtime.action_clock  # CUDA events on GPUs; the runtime restarts it at each run
+    micro = list(bench.tokens.chunk(n_micro))
 
     def step() -> list[torch.Tensor]:
-        return [out.ce for _, out in runtime.run(micro, 1.0 / args.n_microbatches)]
+        return [out.ce for _, out in runtime.run(micro, 1.0 / n_micro)]
 
-    measure(row, step, clock, schedule, args, device, chunks)
+    measure(row, step, clock, schedule, bench, chunks)
     return row
 
 
-def run_one_device(
-    config: ModelConfig, tokens: torch.Tensor, args: argparse.Namespace, device: torch.device, dtype: Any
-) -> Row:
+def run_one_device(bench: Bench) -> Row:
     """The baseline: the whole model on rank 0 alone, forward and backward of the same micro-batches one
     after the other (gradients accumulate, as in the pipelines); the other ranks wait."""
+    config, tokens, args, device = bench.config, bench.tokens, bench.args, bench.device
     row = Row("one device", "no pipeline")
     rank = dist.get_rank()
     if rank == 0:
         model = Transformer(config, tuple(range(config.n_layers)), True, True)
         model.init_weights(0)
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=bench.dtype)
         micro = list(tokens.chunk(args.n_microbatches))
         for i in range(args.warmup + args.steps):
             model.zero_grad(set_to_none=True)
@@ -292,12 +239,12 @@ def run_one_device(
 def _timed(
     clock: ActionClock, fn: Callable[..., Any], op_of: Callable[..., str], chunk: int
 ) -> Callable[..., Any]:
-    """`fn` (a torch stage's method) recording each call on `clock` as (op, micro-batch, chunk)."""
+    """`fn` (a torch stage's method) recording each call on `clock` as our action `op(micro-batch.chunk)`."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = clock.mark()
         out = fn(*args, **kwargs)
-        clock.add(op_of(*args, **kwargs), str(args[0]), chunk, start, clock.mark())
+        clock.add(f"{op_of(*args, **kwargs)}({args[0]}.{chunk})", start, clock.mark())
         return out
 
     return wrapper
@@ -307,15 +254,9 @@ def _backward_op(mb: int, loss: Any = None, full_backward: bool = True, last_bac
     return "BW" if full_backward else "B"
 
 
-def run_torch(
-    name: str,
-    config: ModelConfig,
-    tokens: torch.Tensor,
-    args: argparse.Namespace,
-    device: torch.device,
-    dtype: Any,
-) -> Row:
+def run_torch(name: str, bench: Bench) -> Row:
     row = Row("torch.distributed.pipelining", name)
+    tokens, args, device = bench.tokens, bench.args, bench.device
     class_name, v_shape = TORCH[name]
     schedule_class = getattr(pipelining, class_name, None)
     if schedule_class is None:
@@ -324,9 +265,9 @@ def run_torch(
     rank, pp = dist.get_rank(), dist.get_world_size()
     # the stage cut of our schedule with the same layout: pp stages, or 2 pp in a V
     ours = make_schedule("dualpipev" if v_shape else "1f1b", pp, max(args.n_microbatches, 2 * pp))
-    chunks = build_chunks(config, ours, rank, args.seq_len, device, dtype)
+    chunks = bench.chunks(ours, rank)
     stage_ids = [ours.stage_of(rank, c) for c in range(ours.n_chunks)]
-    clock = ActionClock(device.type == "cuda")
+    clock = bench.clock()
     stages = []
     for c, (chunk, stage_id) in enumerate(zip(chunks, stage_ids)):
         stage = pipelining.PipelineStage(TorchStageModule(chunk), stage_id, ours.n_stages, device)
@@ -356,7 +297,7 @@ def run_torch(
 
     sim_name = {"1f1b": "1f1b", "dualpipev": "dualpipev"}.get(name)
     sim = make_schedule(sim_name, pp, args.n_microbatches) if sim_name else None
-    measure(row, step, clock, sim, args, device, [s.submod for s in stages])
+    measure(row, step, clock, sim, bench, [s.submod for s in stages])
     return row
 
 
@@ -435,11 +376,12 @@ def main() -> None:
     batch = args.n_microbatches * args.micro_batch
     tokens = torch.randint(0, config.vocab_size, (batch, args.seq_len + 1), generator=gen).to(device)
 
-    rows = [run_one_device(config, tokens, args, device, dtype)]
+    bench = Bench(config, tokens, args, device, dtype)
+    rows = [run_one_device(bench)]
     for name in filter(None, args.ours.split(",")):
-        rows.append(run_ours(name, config, tokens, args, device, dtype))
+        rows.append(run_ours(name, bench))
     for name in filter(None, args.torch.split(",")):
-        rows.append(run_torch(name, config, tokens, args, device, dtype))
+        rows.append(run_torch(name, bench))
     if dist.get_rank() == 0:
         report(rows, args, dist.get_world_size())
     dist.barrier()

@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: describe the device and write a dated result file.
+"""Shared by the benchmark scripts: describe the device and write a dated result file, and the options
+of the payload-size sweeps.
 
 Every figure quoted in README or docs comes from a file written here, with the device, the torch
 version, the command and the date beside the table.
@@ -6,6 +7,7 @@ version, the command and the date beside the table.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -71,3 +73,19 @@ def write_result(name: str, body: str, out_dir: Path | None = None) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def payload_sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the scripts that sweep payload sizes (codec_throughput, dispatch), one set so their
+    tables line up: rows of --dim channels, --min-mib to --max-mib MiB, each size timed --reps times."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--min-mib", type=int, default=1)
+    parser.add_argument("--max-mib", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=7168, help="channels per row (DeepSeek-V3: 7168)")
+    parser.add_argument("--reps", type=int, default=10)
+    return parser
+
+
+def payload_sizes_mib(args: argparse.Namespace) -> list[int]:
+    """The powers of two from args.min_mib to args.max_mib."""
+    return [2**i for i in range(args.max_mib.bit_length()) if args.min_mib <= 2**i <= args.max_mib]

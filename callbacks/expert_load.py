@@ -25,15 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_dsv3.callbacks.report import (
-    gather,
-    log_image,
-    log_scalars,
-    log_table,
-    new_figure,
-    output_dir,
-    save_figure,
-)
+from lightning_dsv3.callbacks.report import PeriodicReport, gather, log_scalars, log_table, new_figure
 from lightning_dsv3.model.moe import Router
 
 
@@ -57,7 +49,7 @@ def _layer_order(name: str) -> tuple[bool, int]:
     return ("mtp" in name.split("."), int(numbers[0]) if numbers else 0)
 
 
-class ExpertLoadMonitor(pl.Callback):
+class ExpertLoadMonitor(PeriodicReport):
     """Per-layer, per-expert token counts every `every_n_steps` optimizer steps.
 
     Args:
@@ -66,16 +58,11 @@ class ExpertLoadMonitor(pl.Callback):
         dirpath: where heatmaps go (default `<log_dir>/experts`).
     """
 
-    def __init__(self, every_n_steps: int = 50, dirpath: str | Path | None = None) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.dirpath = dirpath
-        self._dir = Path(".")
-        self.last: dict[str, dict[str, list[float]]] = {}  # layer -> {"load", "bias"}, on rank 0
+    folder = "experts"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._dir = output_dir(trainer, self.dirpath, "experts")
+    def __init__(self, every_n_steps: int = 50, dirpath: str | Path | None = None) -> None:
+        super().__init__(every_n_steps, dirpath)
+        self.last: dict[str, dict[str, list[float]]] = {}  # layer -> {"load", "bias"}, on rank 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -119,8 +106,7 @@ class ExpertLoadMonitor(pl.Callback):
         if violations:
             metrics["experts/max_violation"] = max(violations)
         log_scalars(trainer, metrics, step)
-        path = save_figure(plot_expert_load(self.last, step), self._dir / f"experts_step{step:06d}.png")
-        log_image(trainer, "experts/heatmap", path, step)
+        self.log_figure(trainer, "experts/heatmap", plot_expert_load(self.last, step), step)
         rows = [
             [layer, e, tokens, bias]
             for layer, v in self.last.items()

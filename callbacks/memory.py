@@ -39,15 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_dsv3.callbacks.expert_load import ExpertLoadMonitor
-from lightning_dsv3.callbacks.report import (
-    gather,
-    log_image,
-    log_scalars,
-    log_table,
-    new_figure,
-    output_dir,
-    save_figure,
-)
+from lightning_dsv3.callbacks.report import PeriodicReport, gather, log_scalars, log_table, new_figure
 from lightning_dsv3.callbacks.timeline import PipelineTimeline
 from lightning_dsv3.config import ModelConfig, ParallelConfig
 from lightning_dsv3.plan import PRECISIONS, recommend
@@ -118,7 +110,7 @@ def pipeline_stages(trainer: pl.Trainer) -> tuple[int, ...]:
     return tuple(plan.schedule.stage_of(mesh.pp_rank, c) for c in range(plan.schedule.n_chunks))
 
 
-class MemoryProfiler(pl.Callback):
+class MemoryProfiler(PeriodicReport):
     """Per-rank device memory and tensor bytes every `every_n_steps` optimizer steps.
 
     Args:
@@ -128,25 +120,23 @@ class MemoryProfiler(pl.Callback):
         dirpath: where the plot and snapshots go (default `<log_dir>/memory`).
     """
 
+    folder = "memory"
+
     def __init__(
         self, every_n_steps: int = 1, snapshot_steps: Sequence[int] = (), dirpath: str | Path | None = None
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps, dirpath)
         self.snapshot_steps = frozenset(snapshot_steps)
-        self.dirpath = dirpath
         self.samples: list[dict[str, Any]] = []  # every rank's samples, on global rank 0
         self.recommendations: list[str] = []  # the planner's advice after the first epoch, on rank 0
         self.measured: dict[str, Any] = {}  # what the advice was given
         self._batch_shape: tuple[int, ...] = ()
-        self._dir = Path(".")
         self._grads = 0
         self._last_step = -1
         self._recording = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._dir = output_dir(trainer, self.dirpath, "memory")
+        super().setup(trainer, pl_module, stage)
         if self.snapshot_steps and trainer.strategy.root_device.type != "cuda":
             rank_zero_warn("MemoryProfiler: CUDA memory snapshots need a GPU; snapshot_steps is ignored")
 
@@ -263,8 +253,7 @@ class MemoryProfiler(pl.Callback):
         if not trainer.is_global_zero or not self.samples:
             return
         step = trainer.global_step
-        path = save_figure(plot_memory(self.samples), self._dir / f"memory_step{step:06d}.png")
-        log_image(trainer, "memory/plot", path, step)
+        self.log_figure(trainer, "memory/plot", plot_memory(self.samples), step)
         columns = sorted({k for s in self.samples for k in s} - {"step", "rank", "stages"})
         rows = [
             [s["step"], s["rank"], ",".join(map(str, s["stages"])), *(s.get(c) for c in columns)]

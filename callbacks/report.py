@@ -1,5 +1,6 @@
 """What the callbacks share: sending scalars, images and tables to whichever loggers the Trainer has,
-gathering small per-rank records, and the folder pictures go to.
+gathering small per-rank records, the folder pictures go to, and the base of the callbacks that report
+every n optimizer steps.
 
 Scalars go to every logger (CSV, TensorBoard, W&B, ...). Images and tables go to W&B loggers only;
 the pictures are also written as PNG files, so a run without W&B still has them. Loggers write on
@@ -78,3 +79,27 @@ def new_figure(width: float, height: float) -> Figure:
             "the callbacks draw their pictures with matplotlib: pip install matplotlib"
         ) from err
     return Figure(figsize=(width, height), layout="constrained")
+
+
+class PeriodicReport(pl.Callback):
+    """Base of the callbacks that report every `every_n_steps` optimizer steps and write pictures to
+    `dirpath` (default `<log_dir>/<folder>`), so the period's check and the folder's lookup live once.
+    """
+
+    folder: str  # the default subfolder of the log dir, set by each subclass
+
+    def __init__(self, every_n_steps: int, dirpath: str | Path | None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.dirpath = dirpath
+        self._dir = Path(".")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._dir = output_dir(trainer, self.dirpath, self.folder)
+
+    def log_figure(self, trainer: pl.Trainer, key: str, fig: Figure, step: int) -> Path:
+        """Write `fig` as `<folder>_step<step>.png` in the callback's folder and send it to W&B as `key`."""
+        path = save_figure(fig, self._dir / f"{self.folder}_step{step:06d}.png")
+        log_image(trainer, key, path, step)
+        return path

@@ -32,15 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_dsv3.callbacks.report import (
-    gather,
-    log_image,
-    log_scalars,
-    log_table,
-    new_figure,
-    output_dir,
-    save_figure,
-)
+from lightning_dsv3.callbacks.report import PeriodicReport, gather, log_scalars, log_table, new_figure
 from lightning_dsv3.pipeline.schedules import PipelineSchedule
 from lightning_dsv3.pipeline.simulate import Costs, simulate
 
@@ -103,7 +95,7 @@ def predicted(schedule: PipelineSchedule, costs: Costs) -> tuple[list[list[Bar]]
     return ranks, [b / span if span > 0 else 0.0 for b in result.bubble], span
 
 
-class PipelineTimeline(pl.Callback):
+class PipelineTimeline(PeriodicReport):
     """Gantt chart and bubble of the pipeline every `every_n_steps` optimizer steps.
 
     Args:
@@ -111,19 +103,14 @@ class PipelineTimeline(pl.Callback):
         dirpath: where PNGs go (default `<log_dir>/timeline`).
     """
 
+    folder = "timeline"
+
     def __init__(self, every_n_steps: int = 50, dirpath: str | Path | None = None) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.dirpath = dirpath
-        self._dir = Path(".")
+        super().__init__(every_n_steps, dirpath)
         self._warned = False
         self._last_step = -1
         self.last_path: Path | None = None
         self.last_bubble: list[float] = []  # measured bubble fraction per pipeline rank, on rank 0
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._dir = output_dir(trainer, self.dirpath, "timeline")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -162,8 +149,7 @@ class PipelineTimeline(pl.Callback):
         log_scalars(trainer, metrics, step)
         title = f"{schedule.name}: pp={schedule.pp}, {schedule.n_microbatches} micro-batches, step {step}"
         fig = plot_timeline(ranks, bubble, sim_ranks, sim_bubble, title)
-        self.last_path = save_figure(fig, self._dir / f"timeline_step{step:06d}.png")
-        log_image(trainer, "pipeline/timeline", self.last_path, step)
+        self.last_path = self.log_figure(trainer, "pipeline/timeline", fig, step)
         rows = [[r, m, s] for r, (m, s) in enumerate(zip(bubble, sim_bubble))]
         log_table(trainer, "pipeline/bubble_table", ["rank", "measured", "predicted"], rows, step)
 

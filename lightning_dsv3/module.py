@@ -167,12 +167,12 @@ class DeepSeekV3Module(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """AdamW over `groups`: the hook a subclass overrides to wrap it (benchmarks/zero.py shards it)."""
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            decay_groups(self.named_parameters(), self.hparams.weight_decay),
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
+        optimizer = self.make_optimizer(decay_groups(self.named_parameters(), self.hparams.weight_decay))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -133,13 +133,15 @@ class _Allocations(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         reducer = trainer.strategy.reducer
-        reduce = reducer.reduce_gradients
+        launch = reducer._launch
 
-        def measure_then_reduce() -> None:  # the full gradients exist until the reduction frees them
-            self.bytes["grads"] = self._sum(p.grad for p in module.parameters())
-            reduce()
+        def measure_then_launch(bucket: Any) -> Any:
+            # a bucket's full gradients exist until its reduction starts (during the last backward, or
+            # in reduce_gradients) and, under ZeRO-1, frees them: their sum over buckets is the total
+            self.bytes["grads"] = self.bytes.get("grads", 0) + self._sum(p.grad for p in bucket.params)
+            return launch(bucket)
 
-        reducer.reduce_gradients = measure_then_reduce
+        reducer._launch = measure_then_launch
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
         masters = [b.master for b in trainer.strategy.reducer.buckets if b.master is not None]

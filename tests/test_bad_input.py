@@ -162,281 +162,173 @@ def _trainer_with(devices: int = 1, **strategy: Any) -> Callable[[Path, Path], A
     return lambda tmp, good: lambda: _trainer(tmp, devices=devices, strategy=DSV3Strategy(**strategy))
 
 
+def _case(name: str, prepare: Callable[[Path, Path], Act], match: str, error: type = ValueError) -> Any:
+    """One row of the table; most refusals are ValueErrors, so only the others name their type."""
+    return pytest.param(prepare, error, match, id=name)
+
+
+def _init(factory: Callable[..., Any], **kwargs: Any) -> Callable[[Path, Path], Act]:
+    """Constructing `factory(**kwargs)`: the constructor's own checks, before anything is written."""
+    return _now(lambda: factory(**kwargs))
+
+
+def _corrupt(name: str, prepare: Callable[[Path, Path], Act], match: str) -> Any:
+    """A damaged checkpoint: refused with CorruptCheckpointError, which a resume loop can catch."""
+    return _case(name, prepare, match, CorruptCheckpointError)
+
+
 CASES = [
     # the mesh and the schedule, refused before any process starts
-    pytest.param(
-        _trainer_with(3, ep=2),
-        ValueError,
-        r"world size 3 is not divisible by pp\*ep = 1\*2",
-        id="world-not-divisible",
-    ),
-    pytest.param(
-        _trainer_with(2, dp=2, ep=2), ValueError, "does not match the world size 2", id="mesh-not-the-world"
-    ),
-    pytest.param(_now(lambda: DSV3Strategy(pp=0)), ValueError, "pp must be >= 1, got 0", id="pp-zero"),
-    pytest.param(_now(lambda: DSV3Strategy(ep=0)), ValueError, "ep must be >= 1, got 0", id="ep-zero"),
-    pytest.param(
-        _now(lambda: DSV3Strategy(dp=0)), ValueError, r"dp must be >= 1 \(or None to infer\)", id="dp-zero"
-    ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(schedule="zigzag")),
-        ValueError,
-        "unknown schedule 'zigzag'",
-        id="unknown-schedule",
-    ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(n_microbatches=0)),
-        ValueError,
-        "n_microbatches must be >= 1",
-        id="no-microbatches",
-    ),
-    pytest.param(
+    _case("world-not-divisible", _trainer_with(3, ep=2), r"world size 3 is not divisible by pp\*ep = 1\*2"),
+    _case("mesh-not-the-world", _trainer_with(2, dp=2, ep=2), "does not match the world size 2"),
+    _case("pp-zero", _init(DSV3Strategy, pp=0), "pp must be >= 1, got 0"),
+    _case("ep-zero", _init(DSV3Strategy, ep=0), "ep must be >= 1, got 0"),
+    _case("dp-zero", _init(DSV3Strategy, dp=0), r"dp must be >= 1 \(or None to infer\)"),
+    _case("unknown-schedule", _init(DSV3Strategy, schedule="zigzag"), "unknown schedule 'zigzag'"),
+    _case("no-microbatches", _init(DSV3Strategy, n_microbatches=0), "n_microbatches must be >= 1"),
+    _case(
+        "dualpipe-too-few",
         _now(_validate(2, pp=2, schedule="dualpipe", n_microbatches=1)),
-        ValueError,
         r"dualpipe needs an even n_microbatches >= 2\(pp-1\) = 2.*use n_microbatches=2",
-        id="dualpipe-too-few",
     ),
-    pytest.param(
+    _case(
+        "interleaved-not-multiple",
         _now(_validate(2, pp=2, schedule="interleaved_1f1b", n_microbatches=3)),
-        ValueError,
         "interleaved_1f1b needs n_microbatches divisible by pp=2",
-        id="interleaved-not-multiple",
     ),
-    pytest.param(
-        _now(_validate(4, pp=4)),
-        ValueError,
-        "n_layers=2 cannot fill 4 pipeline stages",
-        id="more-stages-than-layers",
-    ),
-    pytest.param(
-        _now(_validate(3, ep=3)),
-        ValueError,
-        r"ep=3 does not divide n_routed_experts=8",
-        id="ep-not-dividing-experts",
-    ),
-    pytest.param(
+    _case("more-stages-than-layers", _now(_validate(4, pp=4)), "n_layers=2 cannot fill 4 pipeline stages"),
+    _case("ep-not-dividing-experts", _now(_validate(3, ep=3)), r"ep=3 does not divide n_routed_experts=8"),
+    _case(
+        "microbatches-not-dividing-batch",
         _now(
             lambda: DSV3Strategy(n_microbatches=3).split_microbatches(
                 torch.zeros(4, SEQ + 1, dtype=torch.long)
             )
         ),
-        ValueError,
         "does not split into n_microbatches=3",
-        id="microbatches-not-dividing-batch",
     ),
     # communication and fault options
-    pytest.param(
-        _now(lambda: DSV3Strategy(dispatch_codec="fp4")),
-        ValueError,
-        "dispatch_codec must be one of",
-        id="bad-dispatch-codec",
-    ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(grad_codec="zip")),
-        ValueError,
-        "grad_codec must be one of",
-        id="bad-grad-codec",
-    ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(grad_codec_options={"ratio": 0.1})),
-        ValueError,
+    _case("bad-dispatch-codec", _init(DSV3Strategy, dispatch_codec="fp4"), "dispatch_codec must be one of"),
+    _case("bad-grad-codec", _init(DSV3Strategy, grad_codec="zip"), "grad_codec must be one of"),
+    _case(
+        "codec-options-without-codec",
+        _init(DSV3Strategy, grad_codec_options={"ratio": 0.1}),
         "grad_codec_options were given without a grad_codec",
-        id="codec-options-without-codec",
     ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(start_method="thread")),
-        ValueError,
+    _case(
+        "bad-start-method",
+        _init(DSV3Strategy, start_method="thread"),
         "start_method must be 'popen', 'spawn' or 'fork'",
-        id="bad-start-method",
     ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(nonfinite="ignore")),
-        ValueError,
+    _case(
+        "bad-nonfinite-policy",
+        _init(DSV3Strategy, nonfinite="ignore"),
         r"nonfinite must be one of \('skip', 'raise', 'off'\)",
-        id="bad-nonfinite-policy",
     ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(max_consecutive_nonfinite=0)),
-        ValueError,
+    _case(
+        "zero-consecutive-nonfinite",
+        _init(DSV3Strategy, max_consecutive_nonfinite=0),
         "max_consecutive_nonfinite must be >= 1",
-        id="zero-consecutive-nonfinite",
     ),
-    pytest.param(
-        _now(lambda: DSV3Strategy(timeout=timedelta(0))),
-        ValueError,
-        "timeout must be a positive timedelta",
-        id="zero-timeout",
-    ),
+    _case("zero-timeout", _init(DSV3Strategy, timeout=timedelta(0)), "timeout must be a positive timedelta"),
     # precision
-    pytest.param(
+    _case(
+        "unknown-precision",
         lambda tmp, good: lambda: _trainer(tmp, precision="bf17"),
-        ValueError,
         "Precision 'bf17' is invalid",
-        id="unknown-precision",
     ),
-    pytest.param(
-        _fp16_scaler, ValueError, "gradient scaler cannot scale the loss.*bf16-mixed", id="fp16-loss-scaler"
-    ),
+    _case("fp16-loss-scaler", _fp16_scaler, "gradient scaler cannot scale the loss.*bf16-mixed"),
     # presets and model configs
-    pytest.param(
-        _now(lambda: DeepSeekV3Module(preset="v4")), ValueError, "unknown preset 'v4'", id="unknown-preset"
-    ),
-    pytest.param(
-        _now(lambda: _module(n_expert=4)),
-        ValueError,
-        "ModelConfig has no field 'n_expert'",
-        id="unknown-override",
-    ),
-    pytest.param(
-        _now(lambda: _module(n_activated_experts=9)),
-        ValueError,
+    _case("unknown-preset", _init(DeepSeekV3Module, preset="v4"), "unknown preset 'v4'"),
+    _case("unknown-override", _init(_module, n_expert=4), "ModelConfig has no field 'n_expert'"),
+    _case(
+        "too-many-active-experts",
+        _init(_module, n_activated_experts=9),
         r"n_activated_experts=9 must lie in \[1, n_routed_experts=8\]",
-        id="too-many-active-experts",
     ),
-    pytest.param(
-        _now(lambda: _module(qk_rope_head_dim=7)),
-        ValueError,
+    _case(
+        "odd-rope-dim",
+        _init(_module, qk_rope_head_dim=7),
         "qk_rope_head_dim=7 must be a positive even number",
-        id="odd-rope-dim",
     ),
-    pytest.param(
-        _now(lambda: DeepSeekV3Module(warmup_steps=-1)),
-        ValueError,
-        "warmup_steps must be >= 0",
-        id="negative-warmup",
-    ),
+    _case("negative-warmup", _init(DeepSeekV3Module, warmup_steps=-1), "warmup_steps must be >= 0"),
     # data
-    pytest.param(
-        _now(lambda: DSV3DataModule(seq_len=0)), ValueError, "seq_len must be at least 1", id="zero-seq-len"
-    ),
-    pytest.param(
-        _now(lambda: DSV3DataModule(batch_size=0)),
-        ValueError,
-        "batch_size .* must be at least 1",
-        id="zero-batch",
-    ),
-    pytest.param(
-        _now(lambda: DSV3DataModule(val_fraction=1.0)),
-        ValueError,
-        r"val_fraction must be in \(0, 1\)",
-        id="all-validation",
-    ),
-    pytest.param(
+    _case("zero-seq-len", _init(DSV3DataModule, seq_len=0), "seq_len must be at least 1"),
+    _case("zero-batch", _init(DSV3DataModule, batch_size=0), "batch_size .* must be at least 1"),
+    _case("all-validation", _init(DSV3DataModule, val_fraction=1.0), r"val_fraction must be in \(0, 1\)"),
+    _case(
+        "missing-data-path",
         lambda tmp, good: lambda: DSV3DataModule(data_path=str(tmp / "nowhere")),
-        ValueError,
         "nowhere does not exist",
-        id="missing-data-path",
     ),
-    pytest.param(
-        _empty_folder, ValueError, r"holds no \*.py / \*.txt / \*.md files", id="empty-corpus-folder"
-    ),
-    pytest.param(
-        _tiny_corpus,
-        ValueError,
-        r"has 9 tokens but seq_len\+1=17 are needed",
-        id="corpus-shorter-than-a-window",
-    ),
-    pytest.param(
-        _now(lambda: DSV3DataModule(data_path=".", hf_dataset="wikitext")),
-        ValueError,
-        "name one corpus",
-        id="two-corpora",
-    ),
-    pytest.param(
+    _case("empty-corpus-folder", _empty_folder, r"holds no \*.py / \*.txt / \*.md files"),
+    _case("corpus-shorter-than-a-window", _tiny_corpus, r"has 9 tokens but seq_len\+1=17 are needed"),
+    _case("two-corpora", _init(DSV3DataModule, data_path=".", hf_dataset="wikitext"), "name one corpus"),
+    _case(
+        "missing-tokenizer",
         lambda tmp, good: lambda: DSV3DataModule(tokenizer_path=str(tmp / "tok.json")),
-        ValueError,
         r"tok\.json is not a tokenizer\.json",
-        id="missing-tokenizer",
     ),
     # data against the model, refused before the process group and the log folder
-    pytest.param(
+    _case(
+        "seq-beyond-rope-table",
         _fit(_module, lambda: _data(seq_len=4 * SEQ)),
-        ValueError,
         r"seq_len=64 exceeds the model's max_seq_len=16 \(the length of its rotary table\)",
-        id="seq-beyond-rope-table",
     ),
-    pytest.param(
+    _case(
+        "vocab-beyond-embedding",
         _fit(lambda: _module(vocab_size=128), _data),
-        ValueError,
         "tokenizer has 256 token ids but the model's vocab_size is 128",
-        id="vocab-beyond-embedding",
     ),
-    pytest.param(
+    _case(
+        "token-id-beyond-vocab",
         _tokens_beyond_vocab,
-        ValueError,
         r"token id 300, outside the model's vocabulary of 256 ids",
-        id="token-id-beyond-vocab",
     ),
-    pytest.param(
+    _case(
+        "sequence-beyond-rope-table",
         _now(
             lambda: Transformer(_module().config).training_loss(torch.zeros(1, 2 * SEQ + 1, dtype=torch.long))
         ),
-        ValueError,
         "sequence length 32 exceeds max_seq_len=16",
-        id="sequence-beyond-rope-table",
     ),
     # checkpoints
-    pytest.param(
+    _case(
+        "missing-checkpoint",
         lambda tmp, good: lambda: _trainer(tmp).fit(_module(), _data(), ckpt_path=tmp / "x.ckpt"),
-        FileNotFoundError,
         r"x\.ckpt does not exist",
-        id="missing-checkpoint",
+        FileNotFoundError,
     ),
-    pytest.param(
+    _case(
+        "checkpoint-is-a-file",
         lambda tmp, good: (
             (tmp / "model.ckpt").write_bytes(b"PK") and (lambda: ckpt.verify(tmp / "model.ckpt"))
         ),
-        ValueError,
         "is a file, not a lightning-dsv3 checkpoint folder",
-        id="checkpoint-is-a-file",
     ),
-    pytest.param(
+    _case(
+        "checkpoint-of-another-model",
         _resume(None, n_layers=3),
-        ValueError,
         r"written for another model: it lacks \d+ entries.*n_layers=2 \(this model: 3\)",
-        id="checkpoint-of-another-model",
     ),
-    pytest.param(
-        _resume(_delete("meta.pt")),
-        CorruptCheckpointError,
-        r"step1\.ckpt/meta\.pt is missing",
-        id="checkpoint-meta-missing",
-    ),
-    pytest.param(
-        _verify(_garble("meta.pt")),
-        CorruptCheckpointError,
-        r"meta\.pt cannot be read",
-        id="checkpoint-meta-garbled",
-    ),
-    pytest.param(
-        _verify(_delete(".metadata")),
-        CorruptCheckpointError,
-        r"\.metadata is missing",
-        id="checkpoint-index-missing",
-    ),
-    pytest.param(
-        _verify(_garble(".metadata")),
-        CorruptCheckpointError,
-        r"\.metadata cannot be read",
-        id="checkpoint-index-garbled",
-    ),
-    pytest.param(
+    _corrupt("checkpoint-meta-missing", _resume(_delete("meta.pt")), r"step1\.ckpt/meta\.pt is missing"),
+    _corrupt("checkpoint-meta-garbled", _verify(_garble("meta.pt")), r"meta\.pt cannot be read"),
+    _corrupt("checkpoint-index-missing", _verify(_delete(".metadata")), r"\.metadata is missing"),
+    _corrupt("checkpoint-index-garbled", _verify(_garble(".metadata")), r"\.metadata cannot be read"),
+    _corrupt(
+        "checkpoint-shard-truncated",
         _resume(_truncate),
-        CorruptCheckpointError,
         r"__0_0\.distcp is truncated: 64 bytes, \.metadata needs",
-        id="checkpoint-shard-truncated",
     ),
-    pytest.param(
+    _corrupt(
+        "checkpoint-shard-missing",
         _verify(_delete_shard),
-        CorruptCheckpointError,
         r"__0_0\.distcp is missing \(\.metadata lists it\)",
-        id="checkpoint-shard-missing",
     ),
-    pytest.param(
+    _case(
+        "checkpoint-from-the-future",
         _verify(_newer_format),
-        ValueError,
         rf"format version {ckpt.FORMAT_VERSION + 1}; this lightning-dsv3 reads up to version \d",
-        id="checkpoint-from-the-future",
     ),
 ]
 

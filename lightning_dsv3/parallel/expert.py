@@ -106,6 +106,7 @@ class _DispatchContext:
     recv_splits: list[int]
 
 
+@dataclass(eq=False)
 class AllToAllDispatcher:
     """Moves expert-sorted tokens to the ep ranks owning their experts and the outputs back.
 
@@ -120,21 +121,12 @@ class AllToAllDispatcher:
         policy: decides per payload size whether `codec` pays (None: always use it).
     """
 
-    def __init__(
-        self,
-        link: Link,
-        ep_size: int,
-        n_local_experts: int,
-        codec: BlockCodec | None = None,
-        grad_codec: BlockCodec | None = None,
-        policy: CodecPolicy | None = None,
-    ) -> None:
-        self.link = link
-        self.ep_size = ep_size
-        self.n_local = n_local_experts
-        self.codec = codec
-        self.grad_codec = grad_codec
-        self.policy = policy
+    link: Link
+    ep_size: int
+    n_local_experts: int  # per ep rank
+    codec: BlockCodec | None = None
+    grad_codec: BlockCodec | None = None
+    policy: CodecPolicy | None = None
 
     def dispatch(
         self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
@@ -145,8 +137,9 @@ class AllToAllDispatcher:
         """
         with collective("expert dispatch_counts all_to_all", self.link.group, self.link.name):
             recv_counts = self.link.all_to_all_equal(counts, "dispatch_counts")  # (source rank, local expert)
-        matrix = recv_counts.view(self.ep_size, self.n_local)
-        send_splits = counts.view(self.ep_size, self.n_local).sum(1).tolist()  # host sync: split sizes
+        shape = (self.ep_size, self.n_local_experts)
+        matrix = recv_counts.view(shape)
+        send_splits = counts.view(shape).sum(1).tolist()  # host sync: split sizes
         recv_splits = matrix.sum(1).tolist()
         codec = choose_codec(self.codec, self.policy, tokens)
         received = _Exchange.apply(

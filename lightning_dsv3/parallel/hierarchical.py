@@ -159,6 +159,7 @@ class _TwoHopCombine(torch.autograd.Function):
         return intra.all_to_all(g, plan.from_rank, plan.to_rank, "combine_backward"), None, None
 
 
+@dataclass(eq=False)
 class HierarchicalDispatcher:
     """Dispatch and combine over an ep group of `n_nodes` x `ranks_per_node` ranks in two hops.
 
@@ -168,25 +169,18 @@ class HierarchicalDispatcher:
             uncompressed size of the rows, which every rank of the ep group agrees on).
     """
 
-    def __init__(
-        self,
-        inter: Link,
-        intra: Link,
-        n_nodes: int,
-        ranks_per_node: int,
-        n_local_experts: int,
-        codec: BlockCodec | None = None,
-        grad_codec: BlockCodec | None = None,
-        policy: CodecPolicy | None = None,
-    ) -> None:
-        self.links = (inter, intra)
-        self.n_nodes = n_nodes
-        self.rpn = ranks_per_node
-        self.n_local = n_local_experts
-        self.per_node = ranks_per_node * n_local_experts  # experts per node
-        self.codec = codec
-        self.grad_codec = grad_codec
-        self.policy = policy
+    inter: Link
+    intra: Link
+    n_nodes: int
+    ranks_per_node: int
+    n_local_experts: int  # per ep rank
+    codec: BlockCodec | None = None
+    grad_codec: BlockCodec | None = None
+    policy: CodecPolicy | None = None
+
+    def __post_init__(self) -> None:
+        self.links = (self.inter, self.intra)
+        self.per_node = self.ranks_per_node * self.n_local_experts  # experts per node
 
     def dispatch(
         self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
@@ -199,6 +193,7 @@ class HierarchicalDispatcher:
                 "copies); the MoE layer passes them, a direct caller must too"
             )
         inter, intra = self.links
+        rpn = self.ranks_per_node
         n_rows, n_experts, dev = tokens.shape[0], counts.numel(), tokens.device
         expert = torch.repeat_interleave(torch.arange(n_experts, device=dev), counts, output_size=n_rows)
         node = expert // self.per_node
@@ -222,7 +217,7 @@ class HierarchicalDispatcher:
         # forwarding rank: one row per (received row, chosen expert), sent in expert order
         to_expert = received_mask.sum(0, dtype=torch.long)  # (rpn * n_local,)
         from_expert = intra.all_to_all_equal(to_expert, "dispatch_counts")
-        matrix = from_expert.view(self.rpn, self.n_local)  # (source local rank, local expert)
+        matrix = from_expert.view(rpn, self.n_local_experts)  # (source local rank, local expert)
         source_node = torch.repeat_interleave(
             torch.arange(self.n_nodes, device=dev), from_node, output_size=sum(from_node_l)
         )
@@ -231,9 +226,9 @@ class HierarchicalDispatcher:
         )
         back_from_node = counts.view(self.n_nodes, self.per_node).sum(1)
         splits = torch.cat(
-            [to_expert.view(self.rpn, self.n_local).sum(1), matrix.sum(1), back_to_node, back_from_node]
+            [to_expert.view(rpn, self.n_local_experts).sum(1), matrix.sum(1), back_to_node, back_from_node]
         ).tolist()  # host sync 2: every other split size at once
-        r, n = self.rpn, self.n_nodes
+        r, n = rpn, self.n_nodes
         to_rank = splits[:r]
         hits = torch.nonzero_static(received_mask, size=sum(to_rank))  # (P, 2) by received row, expert
         by_expert = hits[:, 1].argsort(stable=True)

@@ -293,37 +293,26 @@ def chunk_activation_bytes(
     holds), by item summed over layers. `pipelined`: run by the pipeline runtime, which also keeps
     the tensors cut between a layer's parts until the backward (`pipeline/overlap.py`).
     `expert_imbalance` may map layer ids (MTP depth k is layer n_layers + k - 1) to their own factor."""
-
-    def imbalance(layer_id: int) -> float:
-        if isinstance(expert_imbalance, Mapping):
-            return expert_imbalance.get(layer_id, 1.0)
-        return expert_imbalance
-
     kernels = kernels or Kernels()
     option = config.activation_checkpointing if checkpointing is None else checkpointing
     pb = PrecisionBytes.of(precision)
     items: dict[str, float] = {}
+
+    def layer(layer_id: int, layer_seq: int) -> dict[str, float]:
+        """A decoder or MTP layer's items under this chunk's options and the layer's own imbalance."""
+        imbalance = expert_imbalance
+        if isinstance(imbalance, Mapping):
+            imbalance = imbalance.get(layer_id, 1.0)
+        return layer_activation_bytes(
+            config, layer_id, batch, layer_seq, precision, kernels, option, ep, imbalance, implementation
+        )
 
     def add(prefix: str, new: dict[str, float]) -> None:
         for name, value in new.items():
             items[f"{prefix}{name}"] = items.get(f"{prefix}{name}", 0.0) + value
 
     for layer_id in spec.layer_ids:
-        add(
-            "",
-            layer_activation_bytes(
-                config,
-                layer_id,
-                batch,
-                seq,
-                precision,
-                kernels,
-                option,
-                ep,
-                imbalance(layer_id),
-                implementation,
-            ),
-        )
+        add("", layer(layer_id, seq))
         if pipelined and implementation == "this":
             add("", _tape_items(config, layer_id, batch * seq, pb, option, ep, kernels))
     t, d, s = batch * seq, config.dim, pb.stream
@@ -345,11 +334,7 @@ def chunk_activation_bytes(
                 "MTP projection input": t_mtp * _matmul_inputs(2 * d, s, 1, pb),
             }
             add("", mtp)
-            layer = layer_activation_bytes(
-                config, config.n_layers + depth - 1, batch, seq - depth, precision, kernels, option, ep,
-                imbalance(config.n_layers + depth - 1), implementation,
-            )  # fmt: skip
-            add("MTP layer: ", layer)
+            add("MTP layer: ", layer(config.n_layers + depth - 1, seq - depth))
             add("MTP ", _head_items(config, t_mtp, pb, kernels))
     return {name: value for name, value in items.items() if value}
 
