@@ -1,8 +1,9 @@
-"""The way users launch: torchrun or SLURM's srun starts the processes, the recipe trains (and resumes)
-through the strategy."""
+"""The way users launch: torchrun, SLURM's srun or mpirun starts the processes, the recipe trains (and
+resumes) through the strategy."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -76,3 +77,18 @@ def test_torchrun_trains_and_resumes_with_expert_parallelism(tmp_path: Path) -> 
         int(row.split(",")[header.index("step")]) for header in [lines[0].split(",")] for row in lines[1:]
     }
     assert steps and min(steps) >= 4  # training went on from the checkpoint's step, not from zero
+
+
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
+    reason="needs an MPI (mpirun) and mpi4py, which Lightning's MPIEnvironment reads the ranks with",
+)
+def test_mpirun_launch_is_picked_up_by_lightnings_mpi_environment(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK"))}
+    env.update(OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "--oversubscribe", "-np", "2", sys.executable, *_recipe_args("--trainer.max_steps=3")]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    started = out.stdout + out.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in started and "GLOBAL_RANK: 1, MEMBER: 2/2" in started
+    assert (tmp_path / "runs/debug/version_0/metrics.csv").is_file()
