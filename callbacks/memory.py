@@ -10,7 +10,7 @@ Two kinds of numbers, named apart because they measure different things:
 - Tensor bytes, on any device, summed from the tensors themselves: `params_mib` (the model's
   parameters on this rank), `grads_mib` (their gradients just before the optimizer step, plus ZeRO-1's
   master-shard gradients) and `optimizer_mib` (optimizer state, plus parameters the optimizer holds
-  that the model does not, i.e. ZeRO-1's fp32 master shards), after the step.
+  that the model does not: ZeRO-1's fp32 master shards of bf16 parameters), after the step.
 
 Each rank's sample is gathered to rank 0 and logged as `memory/rank{r}/<name>`; with a pipeline the
 table and the plot name the stages each rank holds. At the end of training a PNG (device memory per
@@ -87,7 +87,7 @@ def _nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
 def _optimizer_only_params(
     module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
 ) -> list[torch.Tensor]:
-    """Parameters an optimizer steps that the model does not hold (ZeRO-1's fp32 master shards)."""
+    """Parameters an optimizer steps that the model does not hold (ZeRO-1's master shards)."""
     own = {id(p) for p in module.parameters()}
     return [p for opt in optimizers for g in opt.param_groups for p in g["params"] if id(p) not in own]
 
@@ -98,8 +98,14 @@ def grad_bytes(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimiz
 
 
 def optimizer_bytes(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> int:
+    """Optimizer state, plus master shards with storage of their own (a ZeRO-1 shard of fp32
+    parameters is a slice of the parameters' buffer and adds nothing)."""
     states = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    return _nbytes([*_optimizer_only_params(module, optimizers), *states])
+    shared = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    masters = [
+        p for p in _optimizer_only_params(module, optimizers) if p.untyped_storage().data_ptr() not in shared
+    ]
+    return _nbytes([*masters, *states])
 
 
 def pipeline_stages(trainer: pl.Trainer) -> tuple[int, ...]:

@@ -65,7 +65,8 @@ class DSV3Strategy(ParallelStrategy):
         pp: pipeline stages. dp: data-parallel replicas (None: world / (pp * ep)). ep: expert-parallel size.
         schedule: pipeline schedule name (used when pp > 1).
         n_microbatches: micro-batches per step and rank (default: 1 without a pipeline).
-        zero: shard optimizer state and fp32 master weights over the gradient-reducing groups (ZeRO-1).
+        zero: shard optimizer state (and the fp32 masters of bf16 weights) over the gradient-reducing
+            groups (ZeRO-1); fp32 weights are their own masters.
         dispatch_codec: compress the expert dispatch payload ("fp8", "int8"); None sends it as is.
             With the network probed, a payload goes compressed only where that is faster.
         quantize_dispatch_grad: compress the dispatch's gradient too (default: exact, straight-through).

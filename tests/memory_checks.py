@@ -144,9 +144,10 @@ class _Allocations(L.Callback):
         reducer._launch = measure_then_launch
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
-        masters = [b.master for b in trainer.strategy.reducer.buckets if b.master is not None]
-        self.bytes["masters"] = self._sum(masters)
-        self.bytes["master_grads"] = self._sum(m.grad for m in masters)
+        buckets = [b for b in trainer.strategy.reducer.buckets if b.master is not None]
+        # a master that is a slice of the parameters' own buffer (fp32 parameters) adds no bytes
+        self.bytes["masters"] = self._sum(b.master for b in buckets if b.storage is None)
+        self.bytes["master_grads"] = self._sum(b.master.grad for b in buckets)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         self.bytes["params"] = self._sum(module.parameters())

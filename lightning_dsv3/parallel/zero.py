@@ -5,9 +5,12 @@ ranks of an expert slice; each is reduced over exactly that group and divided by
 number of data slices), which makes the result the gradient of the global-batch mean loss.
 
 With ZeRO-1 the parameters of one optimizer param-group and one reducing group are packed into a
-flat bucket, padded to a multiple of the group size. Each rank keeps an fp32 master copy of its
-1/N shard; the user's optimizer is re-pointed at those shards, so AdamW moments exist only for the
-shard while LR schedulers, `param_groups` and `state_dict` keep working on the same object.
+flat bucket, padded to a multiple of the group size. Each rank steps an fp32 master of its 1/N
+shard: for fp32 parameters (32-true, bf16-mixed) a slice of the one flat buffer the parameters
+become views of, so the weights exist once and the all-gather writes them in place; for bf16
+parameters a separate fp32 copy. The user's optimizer is re-pointed at those shards, so AdamW
+moments exist only for the shard while LR schedulers, `param_groups` and `state_dict` keep working
+on the same object.
 A step is: reduce-scatter the bucket gradients (all buckets in flight at once) -> step the shards
 -> all-gather the updated shards back into the model's parameters.
 
@@ -78,6 +81,8 @@ class Bucket:
     numel: int  # without padding
     master: nn.Parameter | None = None  # ZeRO-1: this rank's fp32 shard
     offsets: list[int] = field(default_factory=list)
+    # ZeRO-1 over fp32 parameters: the flat buffer the parameters are views of; `master` is its slice
+    storage: torch.Tensor | None = None
 
     @property
     def padded_numel(self) -> int:
@@ -161,17 +166,40 @@ class GradientReducer:
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(partial(_notify, this, k))
 
+    @torch.no_grad()
     def _make_master(self, bucket: Bucket) -> nn.Parameter:
         flat = self._flat([p.detach() for p in bucket.params], bucket, torch.float32)
         start = bucket.reduce_group.rank * bucket.shard_numel
-        bucket.master = nn.Parameter(flat[start : start + bucket.shard_numel].clone())
+        if all(p.dtype == torch.float32 for p in bucket.params):
+            # fp32 parameters (32-true, bf16-mixed) are their own master weights: they become views of
+            # one flat buffer whose shard the optimizer steps, so no second copy exists and the
+            # all-gather lands in place
+            bucket.storage = flat
+            self._point_into_storage(bucket)
+            bucket.master = nn.Parameter(flat[start : start + bucket.shard_numel])
+        else:
+            bucket.master = nn.Parameter(flat[start : start + bucket.shard_numel].clone())
         return bucket.master
+
+    @staticmethod
+    def _point_into_storage(bucket: Bucket) -> None:
+        for p, offset in zip(bucket.params, bucket.offsets):
+            view = bucket.storage[offset : offset + p.numel()].view_as(p)
+            if p.data_ptr() != view.data_ptr():
+                view.copy_(p.detach())
+                p.data = view
 
     @torch.no_grad()
     def refresh_masters(self) -> None:
-        """ZeRO-1: copy the model's current weights into the master shards (after loading weights)."""
+        """ZeRO-1: make the master shards hold the model's current weights (after loading weights).
+
+        Where the parameters are views of the bucket's buffer, a parameter that was given new storage
+        (say by `load_state_dict(assign=True)`) is copied back into the buffer and pointed at it again.
+        """
         for bucket in self.buckets:
-            if bucket.master is not None:
+            if bucket.storage is not None:
+                self._point_into_storage(bucket)
+            elif bucket.master is not None:
                 flat = self._flat([p.detach() for p in bucket.params], bucket, torch.float32)
                 start = bucket.reduce_group.rank * bucket.shard_numel
                 bucket.master.copy_(flat[start : start + bucket.shard_numel])
@@ -300,6 +328,12 @@ class GradientReducer:
         pending = []
         for bucket in self.buckets:
             rg = bucket.reduce_group
+            if bucket.storage is not None:  # the parameters are the buffer: gather in place
+                if rg.size > 1:
+                    shard = bucket.master.detach().clone()  # the input may not alias the output
+                    work = self._link(rg).all_gather(bucket.storage, shard, "all_gather", async_op=True)
+                    pending.append((bucket, None, work))
+                continue
             full = bucket.master.new_empty(bucket.padded_numel)
             work = None
             if rg.size > 1:
@@ -310,8 +344,9 @@ class GradientReducer:
         for bucket, full, work in pending:
             if work is not None:
                 work.wait()
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.copy_(full[offset : offset + p.numel()].view_as(p))
+            if full is not None:
+                for p, offset in zip(bucket.params, bucket.offsets):
+                    p.copy_(full[offset : offset + p.numel()].view_as(p))
 
     # ---- norms and memory ----------------------------------------------------------------------
     @torch.no_grad()
@@ -363,10 +398,11 @@ class GradientReducer:
         full_numel = sum(b.numel for b in self.buckets)
         shard_numel = sum(b.shard_numel if self.zero else b.numel for b in self.buckets)
         per_element = local / shard_numel if shard_numel else 0.0
-        masters = 4 * shard_numel if self.zero else 0
+        # separate fp32 masters exist only for low-precision parameters (fp32 ones are their own)
+        kept = [b for b in self.buckets if b.master is not None and b.storage is None]
         return {
-            "local": int(local + masters),
-            "replicated": int(per_element * full_numel + (4 * full_numel if self.zero else 0)),
+            "local": int(local + 4 * sum(b.shard_numel for b in kept)),
+            "replicated": int(per_element * full_numel + 4 * sum(b.numel for b in kept)),
         }
 
 

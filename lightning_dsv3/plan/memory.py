@@ -167,7 +167,7 @@ class RankMemory:
     stages: tuple[int, ...]
     params_bytes: float
     grads_bytes: float
-    master_bytes: float  # ZeRO-1's fp32 master shards
+    master_bytes: float  # ZeRO-1's fp32 master shards (none where the parameters are fp32)
     moments_bytes: float  # AdamW's two moments
     master_grads_bytes: float
     autocast_bytes: float  # bf16 copies of the weights, cached by autocast for the step
@@ -355,11 +355,14 @@ def _rank_memory(
     dense_group, expert_group = parallel.dp * parallel.ep, parallel.dp
     if parallel.zero:
         shard = math.ceil(dense / dense_group) + math.ceil(experts / expert_group)
-        master, master_grads, moments = 4 * shard, 4 * shard, 2 * pb.moment * shard
+        own_master = pb.param == 4  # fp32 parameters are their own masters (parallel/zero.py)
+        master = 0.0 if own_master else 4 * shard
+        master_grads, moments = 4 * shard, 2 * pb.moment * shard
         largest_bucket = 4 * max(dense, experts)  # the fp32 flat of a bucket, before its reduce-scatter
         reduce = 4 * local if max(dense_group, expert_group) > 1 else largest_bucket + 4 * shard
         step = pb.moment * shard  # AdamW's foreach temporaries: one state-sized buffer
-        gather = 4 * local  # every bucket's fp32 all-gather buffer, all in flight
+        # every bucket's fp32 all-gather buffer in flight; in place, only a copy of the shard is sent
+        gather = 4 * shard if own_master else 4 * local
     else:
         master = master_grads = 0.0
         moments = 2 * pb.param * local
