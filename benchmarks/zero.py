@@ -6,14 +6,16 @@ The same DeepSeekV3Module, data and AdamW settings trained four ways on N data-p
   ddp-zero     Lightning's DDPStrategy with torch's ZeroRedundancyOptimizer around the same AdamW:
                each rank keeps the moments of its 1/N of the parameters (whole tensors per rank)
   dsv3         DSV3Strategy(zero=False): our gradient reduction, AdamW replicated
-  dsv3-zero1   DSV3Strategy(zero=True): reduce-scatter of flat buckets, each rank steps an fp32
-               master copy of its 1/N shard with its moments, then all-gathers the parameters
+  dsv3-zero1   DSV3Strategy(zero=True): reduce-scatter of flat buckets, each rank steps its 1/N
+               shard (fp32 parameters are their own master; bf16 ones get an fp32 copy) with its
+               moments, then all-gathers the parameters
 
 Bytes are counted from the tensors each rank holds after a step (callbacks/memory.py): weights,
 gradients (ZeRO-1's master gradients included) and optimizer state (moments, and ZeRO-1's fp32
-master shards), the largest rank's; on GPUs also the CUDA allocator's peak. Step time is the median
-after warm-up. The loss of the last step shows the four train the same model (they differ only by
-reduction order, and DDP's router bias follows rank 0's expert load, broadcast with the buffers).
+master shards of bf16 parameters), the largest rank's; on GPUs also the CUDA allocator's peak. Step
+time is the median after warm-up. The loss of the last step shows the four train the same model
+(they differ only by reduction order, and DDP's router bias follows rank 0's expert load, broadcast
+with the buffers).
 
     torchrun --nproc_per_node 2 -m benchmarks.zero                         # GPUs, NCCL, mini preset
     torchrun --nproc_per_node 2 -m benchmarks.zero --preset debug --seq-len 32 --batch 2 --steps 3 --warmup 1

@@ -157,7 +157,8 @@ class MemoryProfiler(PeriodicReport):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._grads = grad_bytes(pl_module, trainer.optimizers)
+        if (trainer.global_step + 1) % self.every_n_steps == 0:  # only for a step that is sampled
+            self._grads = grad_bytes(pl_module, trainer.optimizers)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

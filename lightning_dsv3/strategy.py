@@ -290,7 +290,14 @@ class DSV3Strategy(ParallelStrategy):
         module.configure_model()
         probe = self.root_device.type == "cuda" if self._probe_network is None else self._probe_network
         self.comm = setup_communication(
-            mesh.config, mesh, module.config, self.root_device, self._ranks_per_node(), probe, rank_zero_info
+            mesh.config,
+            mesh,
+            module.config,
+            self.root_device,
+            self._ranks_per_node(),
+            probe,
+            rank_zero_info,
+            self._timeout,
         )
         for chunk in module.chunks():
             self.comm.install(chunk, mesh)
@@ -322,6 +329,8 @@ class DSV3Strategy(ParallelStrategy):
         dense = ReduceGroup("dp_ep", mesh.group("dp_ep"), mesh.data_size, mesh.data_rank)
         expert = ReduceGroup("dp", mesh.group("dp"), mesh.dp, mesh.dp_rank)
         comm = self._require_comm()
+        if self.reducer is not None:  # a new fit on the same strategy: the old hooks go with the old reducer
+            self.reducer.remove_hooks()
         self.reducer = GradientReducer(
             self.model.named_parameters(),
             self.optimizers[0],
@@ -467,7 +476,8 @@ class DSV3Strategy(ParallelStrategy):
                 with collective("gradient reduction", mesh.group("dp_ep"), "dp_ep (dense) and dp (experts)"):
                     self.reducer.reduce_gradients()
                 step = self.lightning_module.trainer.global_step
-                if self.nonfinite.check(faults.reduced_gradients(self.reducer), step):
+                checked = self.nonfinite.enabled  # "off": not even the list of gradients is built
+                if checked and self.nonfinite.check(faults.reduced_gradients(self.reducer), step):
                     faults.drop_gradients(self.model, self.reducer)
             return result
 

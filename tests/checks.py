@@ -188,7 +188,7 @@ def checkpoint_run(layout: dict[str, Any], path: str, resume: bool, global_batch
     )
     trainer.fit(module, DataLoader(rows, batch_size=global_batch // data_size, sampler=sampler),
                 ckpt_path=path if resume else None)  # fmt: skip
-    entries = {k: v.clone() for k, v in model_entries(module.model).items()}
+    entries = {k: v.clone() for k, v in model_entries(module).items()}  # chunk indices dropped, as saved
     return {"losses": capture.losses, "step": trainer.global_step, "state": entries}
 
 

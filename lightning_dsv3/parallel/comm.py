@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -98,16 +99,18 @@ def setup_communication(
     ranks_per_node: int | None,
     probe: bool,
     log: Callable[[str], None],
+    timeout: timedelta | None = None,
 ) -> Communication:
     """Build this rank's links, dispatcher and gradient codec; with `probe`, time the network and choose.
 
     The probe times the dispatch codec on `device` in bf16 on GPUs and fp32 on CPUs, the usual
-    compute dtypes there.
+    compute dtypes there. `timeout` bounds the collectives of the node subgroups a two-hop dispatch
+    creates, as the strategy's timeout bounds the mesh's groups.
     """
     telemetry = CommTelemetry(device)
     rpn, n_nodes, two_hops = node_layout(mesh.ep, ranks_per_node, config.hierarchical_dispatch)
     if two_hops:
-        nodes = build_node_groups(mesh, rpn)
+        nodes = build_node_groups(mesh, rpn, timeout)
         links = [Link(nodes.inter, "ep_inter", telemetry), Link(nodes.intra, "ep_intra", telemetry)]
     else:
         links = [Link(mesh.group("ep"), "ep", telemetry)]

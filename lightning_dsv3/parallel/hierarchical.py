@@ -26,6 +26,7 @@ after the combine, so the forwarding rank cannot pre-sum a token's expert output
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,8 +55,11 @@ class NodeGroups:
     ranks_per_node: int
 
 
-def build_node_groups(mesh: ParallelMesh, ranks_per_node: int) -> NodeGroups:
-    """Create the subgroups of every ep group (collective: every rank creates every group, in one order).
+def build_node_groups(
+    mesh: ParallelMesh, ranks_per_node: int, timeout: timedelta | None = None
+) -> NodeGroups:
+    """Create the subgroups of every ep group (collective: every rank creates every group, in one order),
+    with the strategy's collective `timeout` (None: torch's default), like the mesh's own groups.
 
     The ep group of mesh coordinates (pp, dp) is the global ranks [base, base + ep), base = (pp * dp_size
     + dp) * ep, because ep is the innermost mesh dim.
@@ -67,12 +71,12 @@ def build_node_groups(mesh: ParallelMesh, ranks_per_node: int) -> NodeGroups:
     for base in range(0, mesh.pp * mesh.dp * ep, ep):
         for node in range(n_nodes):
             ranks = [base + node * rpn + local for local in range(rpn)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 mine["intra"] = group
         for local in range(rpn):
             ranks = [base + node * rpn + local for node in range(n_nodes)]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 mine["inter"] = group
     return NodeGroups(mine["intra"], mine["inter"], n_nodes, rpn)

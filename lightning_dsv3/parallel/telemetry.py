@@ -162,7 +162,8 @@ class CommTelemetry:
         return out
 
     def _intervals_ms(self, calls: list[_Call]) -> list[tuple[float, float]]:
-        """(start, end) of each call in ms from the step's first call; reads CUDA events (one sync)."""
+        """(start, end) of each call in ms from the step's first call; waits for each call's end event (the
+        calls may have been issued from different streams)."""
         if not self._cuda:
             t0 = calls[0].start
             return [((c.start - t0) * 1e3, (c.end - t0) * 1e3) for c in calls]

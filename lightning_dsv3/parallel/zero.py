@@ -158,13 +158,15 @@ class GradientReducer:
         position = {name: i for i, name in enumerate(name_of.values())}
         self._order = sorted(self.buckets, key=lambda b: -max(position[n] for n in b.names))
         self._armed = False
-        self._ready: dict[int, set[int]] = {}  # bucket index in _order -> ids of its finished params
+        self._ready: dict[int, int] = {}  # bucket index in _order -> its parameters' hooks fired so far
         self._launched: list[tuple[Bucket, torch.Tensor, dist.Work | None]] = []
         self.early_launches = 0
         this = weakref.ref(self)  # the hooks must not keep a replaced reducer (and its shards) alive
-        for k, bucket in enumerate(self._order):
-            for p in bucket.params:
-                p.register_post_accumulate_grad_hook(partial(_notify, this, k))
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(partial(_notify, this, k))
+            for k, bucket in enumerate(self._order)
+            for p in bucket.params
+        ]
 
     @torch.no_grad()
     def _make_master(self, bucket: Bucket) -> nn.Parameter:
@@ -214,6 +216,12 @@ class GradientReducer:
     def _link(self, rg: ReduceGroup) -> Link:
         return Link(rg.group, rg.name, self.telemetry)
 
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the parameters (the strategy replaces this reducer)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     def arm(self) -> None:
         """Start each bucket's reduction as soon as the next backward has finished its gradients.
 
@@ -225,13 +233,13 @@ class GradientReducer:
         self._launched = []
 
     @torch.no_grad()
-    def _on_gradient(self, k: int, param: torch.Tensor) -> None:
+    def _on_gradient(self, k: int) -> None:
         if not self._armed or k < len(self._launched):
             return
-        self._ready.setdefault(k, set()).add(id(param))
+        self._ready[k] = self._ready.get(k, 0) + 1  # a leaf's hook fires once per backward
         while len(self._launched) < len(self._order):  # launch, in order, every bucket that is ready
             nxt = len(self._launched)
-            if len(self._ready.get(nxt, ())) < len(self._order[nxt].params):
+            if self._ready.get(nxt, 0) < len(self._order[nxt].params):
                 break
             self._launched.append(self._launch(self._order[nxt]))
 
@@ -329,9 +337,10 @@ class GradientReducer:
         for bucket in self.buckets:
             rg = bucket.reduce_group
             if bucket.storage is not None:  # the parameters are the buffer: gather in place
-                if rg.size > 1:
-                    shard = bucket.master.detach().clone()  # the input may not alias the output
-                    work = self._link(rg).all_gather(bucket.storage, shard, "all_gather", async_op=True)
+                if rg.size > 1:  # the input is this rank's slice of the output: NCCL and gloo allow it
+                    work = self._link(rg).all_gather(
+                        bucket.storage, bucket.master.detach(), "all_gather", async_op=True
+                    )
                     pending.append((bucket, None, work))
                 continue
             full = bucket.master.new_empty(bucket.padded_numel)
@@ -406,8 +415,8 @@ class GradientReducer:
         }
 
 
-def _notify(reducer: weakref.ref[GradientReducer], k: int, param: torch.Tensor) -> None:
+def _notify(reducer: weakref.ref[GradientReducer], k: int, _param: torch.Tensor) -> None:
     """A parameter's gradient hook: tell its reducer, if it still exists, that bucket k has one more."""
     live = reducer()
     if live is not None:
-        live._on_gradient(k, param)
+        live._on_gradient(k)

@@ -212,8 +212,7 @@ class PipelineRuntime:
         last = stage == schedule.n_stages - 1
         first_input = tokens[:, :-1] if stage == 0 else state.acts.pop((mb, c)).requires_grad_(True)
         tape = Tape()
-        chain = Chain()
-        self.streams.resume(chain)  # after the receive of its input
+        chain = Chain()  # its first part (embedding or attention) follows the receive on the compute stream
         state.chains[(mb, c)] = chain
         yield from forward_parts(
             self.chunks[c],

@@ -16,6 +16,7 @@ from lightning_dsv3.plan.memory import (
     RankMemory,
     chunk_params,
     chunks_of,
+    master_bytes_per_element,
     memory_plan,
     stage_plan,
 )
@@ -152,7 +153,7 @@ def format_plan(plan: ClusterPlan, published_hours: float | None = None) -> str:
     rows = [
         ("parameters", lambda r: r.params_bytes),
         ("gradients", lambda r: r.grads_bytes),
-        ("fp32 master shards + their grads", lambda r: r.master_bytes + r.master_grads_bytes),
+        ("ZeRO-1 fp32 masters (bf16 weights) + grads", lambda r: r.master_bytes + r.master_grads_bytes),
         ("AdamW moments", lambda r: r.moments_bytes),
         ("autocast weight copies", lambda r: r.autocast_bytes),
         ("activations", lambda r: r.activations_bytes),
@@ -260,7 +261,7 @@ def _static_bytes(config: ModelConfig, parallel: ParallelConfig, precision: str)
         worst = max(
             worst,
             local * (pb.param + pb.grad)
-            + shard * (8 + 2 * pb.moment)
+            + shard * (master_bytes_per_element(pb) + 4 + 2 * pb.moment)  # master, its gradient, moments
             + (0 if parallel.zero else 2 * pb.param * local),
         )
     return worst

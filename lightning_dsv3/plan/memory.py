@@ -336,6 +336,12 @@ def _recompute_bytes(
     return worst
 
 
+def master_bytes_per_element(pb: PrecisionBytes) -> int:
+    """ZeRO-1's fp32 master copy per shard element: none where the parameters are fp32, which are their
+    own master (parallel/zero.py)."""
+    return 0 if pb.param == 4 else 4
+
+
 def _rank_memory(
     pp_rank: int,
     specs: list[ChunkSpec],
@@ -355,8 +361,8 @@ def _rank_memory(
     dense_group, expert_group = parallel.dp * parallel.ep, parallel.dp
     if parallel.zero:
         shard = math.ceil(dense / dense_group) + math.ceil(experts / expert_group)
-        own_master = pb.param == 4  # fp32 parameters are their own masters (parallel/zero.py)
-        master = 0.0 if own_master else 4 * shard
+        own_master = master_bytes_per_element(pb) == 0
+        master = master_bytes_per_element(pb) * shard
         master_grads, moments = 4 * shard, 2 * pb.moment * shard
         largest_bucket = 4 * max(dense, experts)  # the fp32 flat of a bucket, before its reduce-scatter
         reduce = 4 * local if max(dense_group, expert_group) > 1 else largest_bucket + 4 * shard

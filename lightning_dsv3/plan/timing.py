@@ -218,7 +218,8 @@ class StepTime:
 def _chunk_flops(config: ModelConfig, spec: ChunkSpec, seq: int) -> tuple[float, float, float]:
     """Forward FLOPs per token of one chunk: (matmuls with weights, the attention kernel, MLA's
     projections). The kernel has no weights, so a split backward puts all of its gradient in B."""
-    mla_only = config.replace(inter_dim=0)
+    # a dense layer without its MLP: MLA's projections alone (layer 0 may be an MoE layer otherwise)
+    mla_per_layer = layer_flops(config.replace(inter_dim=0, n_dense_layers=config.n_layers), 0, 0)
     gemm = attention = mla = 0.0
     layers = list(spec.layer_ids)
     if spec.with_head:
@@ -228,7 +229,7 @@ def _chunk_flops(config: ModelConfig, spec: ChunkSpec, seq: int) -> tuple[float,
         kernel = full - layer_flops(config, i, 0)
         gemm += full - kernel
         attention += kernel
-        mla += layer_flops(mla_only, 0, 0)
+        mla += mla_per_layer
     if spec.with_head:
         gemm += head_flops(config, seq) - sum(
             layer_flops(config, config.n_layers + d, seq) for d in range(config.mtp_depth)

@@ -76,6 +76,8 @@ def test_multi_process_benchmark_small_mode(script: str, tmp_path: Path) -> None
     elif script == "zero":
         assert [r[0] for r in rows] == ["dsv3", "dsv3-zero1", "ddp", "ddp-zero"]
         optimizer = {r[0]: float(r[3].replace(",", "")) for r in rows}
-        assert optimizer["dsv3-zero1"] < optimizer["dsv3"] and optimizer["ddp-zero"] < optimizer["ddp"]
+        assert optimizer["ddp-zero"] < optimizer["ddp"]
+        # fp32 parameters are their own ZeRO-1 master: half the moments at dp=2, no copy of the weights
+        assert optimizer["dsv3-zero1"] == pytest.approx(optimizer["dsv3"] / 2, rel=0.1)
     else:
         assert [r[0] for r in rows][:3] == ["ddp", "dsv3:dp=2", "dsv3:ep=2"] and len(rows) == 5

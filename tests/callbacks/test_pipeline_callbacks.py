@@ -50,8 +50,8 @@ def test_recommendations_see_the_measured_bubble(run: dict) -> None:
     measured = run["rank0"]["measured"]
     assert measured["micro_batch_size"] == 2  # 8 sequences in DualPipeV's 2 x pp micro-batches
     assert 0 <= measured["bubble_fraction"] < 1  # the timeline's worst rank
-    if measured["bubble_fraction"] > 0.1:
-        assert any(line.startswith("pipeline:") for line in run["rank0"]["recommendations"])
+    advised = any(line.startswith("pipeline:") for line in run["rank0"]["recommendations"])
+    assert advised == (measured["bubble_fraction"] > 0.1)  # recommend's threshold, either way
 
 
 def test_wandb_history_and_images(run: dict) -> None:

@@ -34,7 +34,13 @@ def saved(pool4, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 @pytest.mark.parametrize(
-    "layout", [{"ep": 4, "zero": False}, {"dp": 4, "zero": True}], ids=["ep4", "dp4-zero"]
+    "layout",
+    [
+        {"ep": 4, "zero": False},
+        {"dp": 4, "zero": True},
+        {"pp": 2, "ep": 2, "schedule": "dualpipe", "zero": True},
+    ],
+    ids=["ep4", "dp4-zero", "pp2xep2-dualpipe"],
 )
 def test_resume_on_another_mesh(pool4, saved, layout) -> None:
     path, uninterrupted = saved
