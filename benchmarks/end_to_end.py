@@ -4,14 +4,25 @@
   auto   Lightning's default strategy, routed experts as one grouped GEMM
   dsv3   DSV3Strategy (NCCL on GPUs, gloo on CPU, world of one), grouped GEMM
   dsv3-padv  the same with V padded to the q/k head dim, so SDPA can take its flash path
-  dsv3-compile  dsv3-padv with every decoder layer under torch.compile
+  dsv3-compile  dsv3-padv with every decoder layer and the cross-entropy under torch.compile
+  dsv3-compile-bf16  dsv3-compile with bf16 parameters (precision="bf16-true", see dsv3-graphs-bf16)
+  dsv3-graphs  dsv3-compile in torch.compile's "reduce-overhead" mode: each layer's kernels replay as
+            CUDA graphs
+  dsv3-graphs-bf16  dsv3-graphs with bf16 parameters (precision="bf16-true"); the strategy's ZeRO-1 keeps
+            their fp32 master copy, as DeepSeek-V3 trains, so no per-step cast of fp32 weights to bf16
+  dsv3-fp8  dsv3-compile with the linear layers in fp8 through torchao, tensorwise scales (torchao's
+            fastest recipe; `DeepSeekV3Module(float8=...)`, needs torchao and compute capability 8.9+)
+  dsv3-fp8-rowwise  the same with rowwise scales
 
 For each: the loss of every step, tokens/s (median step time after warm-up), and MFU against the
 bf16 matmul peak measured in the same process. The loss curves of `auto` and `dsv3` should agree
-within bf16 noise; `dsv3` against `plain` is the speed-up of the grouped GEMM.
+within bf16 noise; `dsv3` against `plain` is the speed-up of the grouped GEMM. Every variant starts
+from the same weights (seeded by name) and reads the same batches, so an fp8 variant run beside
+`dsv3-compile` gets a table of its step time and loss against that bf16 baseline.
 
-    python benchmarks/end_to_end.py                       # mini preset on a GPU
-    python benchmarks/end_to_end.py --preset debug --steps 6 --seq-len 64 --batch 4   # CPU small mode
+    python -m benchmarks.end_to_end                       # mini preset on a GPU
+    python -m benchmarks.end_to_end --variants dsv3-compile,dsv3-fp8 --steps 500   # fp8 against bf16
+    python -m benchmarks.end_to_end --preset debug --steps 6 --seq-len 64 --batch 4   # CPU small mode
 """
 
 from __future__ import annotations
@@ -24,32 +35,100 @@ from typing import Any
 import lightning as L
 import torch
 
+from benchmarks.profile_step import ANNOTATIONS, SYNC_OPS
 from benchmarks.results_io import markdown_table, write_result
 from lightning_dsv3 import DSV3Strategy
 from lightning_dsv3.data import DSV3DataModule
+from lightning_dsv3.float8 import check_float8, check_float8_device
 from lightning_dsv3.flops import train_flops
 from lightning_dsv3.module import DeepSeekV3Module
 
 
 class StepTimer(L.Callback):
-    """Per-step loss and wall time (synchronised on GPUs)."""
+    """Per-step loss and time, without synchronising: on GPUs an event recorded as each step starts
+    gives the steps' spacing on the device's timeline, so a host that runs ahead of the device (as
+    training does when nothing reads a value back) is measured as it runs."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.step_s: list[float] = []
+        self._marks: list[Any] = []  # CUDA events on GPUs, host clock readings on CPUs
+        self._losses: list[torch.Tensor] = []
 
-    def _sync(self) -> None:
+    def _mark(self) -> None:
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, idx: int) -> None:
-        self._sync()
-        self._t = time.perf_counter()
+        self._mark()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        self._sync()
-        self.step_s.append(time.perf_counter() - self._t)
-        self.losses.append(float(outputs["loss"]))
+        self._losses.append(outputs["loss"].detach())
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        self._mark()
+
+    @property
+    def step_s(self) -> list[float]:
+        if torch.cuda.is_available():
+            self._marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self._marks, self._marks[1:])]
+        return [b - a for a, b in zip(self._marks, self._marks[1:])]
+
+    @property
+    def losses(self) -> list[float]:
+        return [float(loss) for loss in self._losses]
+
+
+class StepProfiler(L.Callback):
+    """torch.profiler over `n` steps from `start`: where the step's host and device time go, and how
+    many times the host waited for the device (any wait stops it from running ahead)."""
+
+    def __init__(self, start: int, n: int = 3, trace: str | None = None) -> None:
+        self.start, self.n, self.trace = start, n, trace
+        self.summary = ""
+        self._prof: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.start and self._prof is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities, with_stack=bool(self.trace))
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if self._prof is None or trainer.global_step != self.start + self.n or self.summary:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        if self.trace:
+            self._prof.export_chrome_trace(self.trace)
+        events = self._prof.key_averages()
+        syncs = {e.key: e.count // self.n for e in events if e.key in SYNC_OPS and e.count}
+        kernels = [  # device kernels; annotations (the optimizer's step spans the whole closure) left out
+            e for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in ANNOTATIONS
+        ]  # fmt: skip
+        device_ms = sum(e.self_device_time_total for e in kernels) / self.n / 1e3
+        host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        host_rows = [
+            [e.key[:60], f"{e.self_cpu_time_total / self.n / 1e3:.2f}", e.count // self.n] for e in host
+        ]
+        top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:20]
+        rows = [
+            [e.key[:60], f"{e.self_device_time_total / self.n / 1e3:.2f}", e.count // self.n] for e in top
+        ]
+        self.summary = (
+            f"profiled steps {self.start}..{self.start + self.n - 1}: device kernel time {device_ms:.1f} ms "
+            f"per step; host waits per step {syncs or 'none'}\n\n"
+            + markdown_table(["host op", "self CPU ms per step", "calls per step"], host_rows)
+            + "\n\n"
+            + markdown_table(["device kernel", "ms per step", "calls per step"], rows)
+        )
 
 
 def matmul_peak_tflops() -> float:
@@ -69,31 +148,53 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 / statistics.median(times) / 1e12
 
 
-def train(variant: str, args: argparse.Namespace) -> StepTimer:
+# what each variant changes: Lightning's strategy or ours, the expert GEMMs, V padding, compile, fp8
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"dsv3": False, "expert_impl": "loop"},
+    "auto": {"dsv3": False},
+    "dsv3": {},
+    "dsv3-padv": {"attn_pad_v": True},
+    "dsv3-compile": {"attn_pad_v": True, "compile": True},
+    "dsv3-compile-bf16": {"attn_pad_v": True, "compile": True, "precision": "bf16-true"},
+    "dsv3-graphs": {"attn_pad_v": True, "compile": "reduce-overhead"},
+    "dsv3-graphs-bf16": {"attn_pad_v": True, "compile": "reduce-overhead", "precision": "bf16-true"},
+    "dsv3-fp8": {"attn_pad_v": True, "compile": True, "float8": "tensorwise"},
+    "dsv3-fp8-rowwise": {"attn_pad_v": True, "compile": True, "float8": "rowwise"},
+}
+FP8_BASELINE = "dsv3-compile"  # the fp8 variants' settings without fp8
+
+
+def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str]:
     L.seed_everything(0)
+    gpu = torch.cuda.is_available()
+    spec = {"dsv3": True, "expert_impl": "grouped", "attn_pad_v": False, "compile": False, "float8": None,
+            "precision": "bf16-mixed" if gpu else "32-true"}  # fmt: skip
+    spec.update(VARIANTS[variant])
     overrides = {
-        "expert_impl": "loop" if variant == "plain" else "grouped",
-        "attn_pad_v": variant.endswith(("padv", "compile")),
+        "expert_impl": spec["expert_impl"],
+        "attn_pad_v": spec["attn_pad_v"],
         "max_seq_len": args.seq_len,
         "original_seq_len": args.seq_len,
     }
     module = DeepSeekV3Module(
         preset=args.preset,
         model_overrides=overrides,
-        lr=args.lr, warmup_steps=5, compile=variant.endswith("compile"),
+        lr=args.lr, warmup_steps=5, compile=spec["compile"], float8=spec["float8"],
     )  # fmt: skip
     data = DSV3DataModule(seq_len=args.seq_len, batch_size=args.batch, max_bytes=16 * 2**20, seed=0)
     timer = StepTimer()
-    gpu = torch.cuda.is_available()
+    trace = f"{args.trace}-{variant}.json.gz" if args.trace else None
+    profiler = StepProfiler(args.profile, trace=trace) if args.profile is not None else None
+    callbacks = [timer, *([profiler] if profiler else [])]
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
-        strategy=DSV3Strategy() if variant.startswith("dsv3") else "auto",
-        precision="bf16-mixed" if gpu else "32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+        strategy=DSV3Strategy() if spec["dsv3"] else "auto",
+        precision=spec["precision"] if gpu else "32-true", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
         use_distributed_sampler=False,  # one process: every variant reads the data module's seeded order
     )  # fmt: skip
     trainer.fit(module, data)
-    return timer
+    return timer, profiler.summary if profiler else ""
 
 
 def main() -> None:
@@ -105,11 +206,30 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--variants", default="plain,auto,dsv3,dsv3-padv,dsv3-compile")
+    parser.add_argument(
+        "--variants", default="plain,auto,dsv3,dsv3-padv,dsv3-compile", help=f"any of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
+    parser.add_argument("--profile", type=int, default=None, help="profile 3 steps from this one")
+    parser.add_argument(
+        "--trace", default=None, help="with --profile: Chrome traces to PREFIX-<variant>.json.gz"
+    )
+    parser.add_argument(
+        "--loss-window", type=int, default=20, help="fp8 against bf16: mean loss over this many last steps"
+    )
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose among {', '.join(VARIANTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for recipe in {VARIANTS[v].get("float8") for v in variants} - {None}:  # refuse fp8 before any run
+        check_float8(recipe)
+        check_float8_device(device, recipe)
 
-    results = {v: train(v, args) for v in args.variants.split(",")}
+    runs = {v: train(v, args) for v in variants}
+    results = {v: timer for v, (timer, _) in runs.items()}
+    profiles = "".join(f"\n\n{v}: {summary}" for v, (_, summary) in runs.items() if summary)
     from lightning_dsv3.config import get_preset
 
     config = get_preset(args.preset, max_seq_len=args.seq_len, original_seq_len=args.seq_len)
@@ -117,8 +237,8 @@ def main() -> None:
     peak = matmul_peak_tflops() if torch.cuda.is_available() else float("nan")
     tokens = args.batch * args.seq_len
     rows = []
-    for name, t in results.items():
-        step_s = statistics.median(t.step_s[args.warmup :] or t.step_s)
+    step_s_of = {name: statistics.median(t.step_s[args.warmup :] or t.step_s) for name, t in results.items()}
+    for name, step_s in step_s_of.items():
         tflops = flops_per_step / step_s / 1e12
         rows.append(
             [name, f"{step_s * 1e3:.1f}", f"{tokens / step_s:,.0f}", f"{tflops:.1f}", f"{tflops / peak:.1%}"]
@@ -137,12 +257,38 @@ def main() -> None:
         diffs = (
             f"\n\nauto vs dsv3 loss: max relative difference {max(rel):.2e}, mean {statistics.mean(rel):.2e}"
         )
+    fp8 = fp8_against_baseline(results, step_s_of, args.loss_window)
     body = (
         f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.steps} steps, "
-        f"bf16 matmul peak {peak:.0f} TFLOP/s, model FLOPs/step {flops_per_step:.3e}\n\n{speed}{diffs}\n\n"
-        + markdown_table(["step", *names], curve_rows)
+        f"bf16 matmul peak {peak:.0f} TFLOP/s, model FLOPs/step {flops_per_step:.3e}\n\n{speed}{diffs}"
+        f"{fp8}{profiles}\n\n" + markdown_table(["step", *names], curve_rows)
     )
     write_result(f"end_to_end-{args.preset}", body)
+
+
+def fp8_against_baseline(results: dict[str, StepTimer], step_s_of: dict[str, float], window: int) -> str:
+    """A table of each fp8 variant against `dsv3-compile` (same model, data and seed, no fp8): step time
+    ratio (issue 9's target: at most 0.85) and loss ratios after the last step and over the last
+    `window` steps (target: within 2%); empty unless both ran."""
+    base = results.get(FP8_BASELINE)
+    rows = []
+    for name, t in results.items():
+        if base is None or not VARIANTS[name].get("float8"):
+            continue
+        last = min(window, len(t.losses))
+        mean, base_mean = statistics.mean(t.losses[-last:]), statistics.mean(base.losses[-last:])
+        rows.append([
+            name, f"{step_s_of[name] / step_s_of[FP8_BASELINE]:.3f}",
+            f"{t.losses[-1]:.4f} / {base.losses[-1]:.4f}", f"{t.losses[-1] / base.losses[-1] - 1:+.2%}",
+            f"{mean:.4f} / {base_mean:.4f}", f"{mean / base_mean - 1:+.2%}",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    header = [
+        "fp8 variant", f"step time / {FP8_BASELINE}", "last loss (fp8 / bf16)", "difference",
+        f"mean of last {window} losses (fp8 / bf16)", "difference",
+    ]  # fmt: skip
+    return "\n\n" + markdown_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_dsv3.config import ModelConfig, get_preset
+from lightning_dsv3.float8 import check_float8, check_float8_device, convert_to_float8
 from lightning_dsv3.model.transformer import LossOutput, Transformer
+
+# what `DeepSeekV3Module(compile=...)` takes: off, torch.compile's default mode, or one of its modes
+COMPILE_MODES: tuple[bool | str, ...] = (False, True, "default", "reduce-overhead", "max-autotune",
+                                          "max-autotune-no-cudagraphs")  # fmt: skip
 
 
 class DeepSeekV3Module(L.LightningModule):
@@ -29,7 +34,16 @@ class DeepSeekV3Module(L.LightningModule):
         warmup_steps: linear warm-up length in optimizer steps.
         min_lr_ratio: the cosine decays to `lr * min_lr_ratio` at the last optimizer step.
         init_seed: the seed of the weight initialisation (each tensor seeded by its name).
-        compile: torch.compile each decoder layer (fuses the norms, rope, routing and casts).
+        compile: torch.compile each decoder layer and the cross-entropy (fuses the norms, rope, routing
+            and casts): True for torch.compile's default mode, or a mode name: "reduce-overhead" also
+            replays each layer's kernels as a CUDA graph, which removes the launch gaps of a small
+            model's step (benchmarks/results/end_to_end-*).
+        float8: train the linear layers in fp8 through torchao: "tensorwise" (fastest) or "rowwise"
+            (finer scales); None (the default) keeps the Trainer's `precision`. Needs torchao >= 0.18
+            (`pip install 'lightning-dsv3[fp8]'`) and a GPU of compute capability >= 8.9; the head,
+            the embedding, the router gate, the routed experts and linears whose sizes are not
+            multiples of 16 stay in the Trainer's precision (`lightning_dsv3.float8` says why).
+            Parameter names do not change: checkpoints load with or without it.
         check_token_ids: refuse a batch holding a token id the embedding cannot hold, with the id;
             None checks batches on the CPU only, since reading the maximum id syncs with a GPU.
     """
@@ -44,12 +58,19 @@ class DeepSeekV3Module(L.LightningModule):
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
         init_seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         check_token_ids: bool | None = None,
+        float8: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config: ModelConfig = get_preset(preset, **(model_overrides or {}))
+        check_float8(float8)
+        if compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile={compile!r} is not an option; pass one of {COMPILE_MODES} (True is torch.compile's "
+                "default mode)"
+            )
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError("warmup_steps must be >= 0 and min_lr_ratio within [0, 1]")
         self.model: Transformer | None = None
@@ -62,9 +83,10 @@ class DeepSeekV3Module(L.LightningModule):
         """One initialised model chunk (the whole model by default); the strategy asks for stages."""
         chunk = Transformer(self.config, layer_ids, with_embedding, with_head)
         chunk.init_weights(self.hparams.init_seed)
+        if self.hparams.get("float8"):  # before compile, so the compiled layers trace the fp8 linears
+            convert_to_float8(chunk, self.hparams.float8)
         if self.hparams.compile:
-            for block in chunk.all_blocks():
-                block.compile()
+            chunk.compile_parts(None if self.hparams.compile is True else self.hparams.compile)
         return chunk
 
     def configure_model(self) -> None:
@@ -96,8 +118,16 @@ class DeepSeekV3Module(L.LightningModule):
         return chunk.loss(h, tokens)
 
     # ---- logging -----------------------------------------------------------------------------
+    def _on_progress_bar(self) -> bool:
+        """Whether a progress bar shows the losses. Lightning reads every progress-bar value back to the
+        host after each batch, a wait for the device per step (benchmarks/results/end_to_end-mini-profile-*),
+        so without a bar to show them they are logged only."""
+        return self._trainer is None or self.trainer.progress_bar_callback is not None
+
     def log_losses(self, out: LossOutput, stage: str, batch_size: int) -> None:
-        self.log(f"{stage}_loss", out.ce, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log(
+            f"{stage}_loss", out.ce, prog_bar=self._on_progress_bar(), batch_size=batch_size, sync_dist=True
+        )
         for k, mtp in enumerate(out.mtp, start=1):
             self.log(f"{stage}_mtp{k}_loss", mtp, batch_size=batch_size, sync_dist=True)
 
@@ -105,7 +135,7 @@ class DeepSeekV3Module(L.LightningModule):
         self, stage: str, ce: torch.Tensor, mtp: list[torch.Tensor], batch_size: int
     ) -> None:
         """Log losses a strategy already averaged over the global batch (no further sync)."""
-        self.log(f"{stage}_loss", ce, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}_loss", ce, prog_bar=self._on_progress_bar(), batch_size=batch_size)
         for k, value in enumerate(mtp, start=1):
             self.log(f"{stage}_mtp{k}_loss", value, batch_size=batch_size)
 
@@ -141,10 +171,10 @@ class DeepSeekV3Module(L.LightningModule):
         violations = []
         for name, router in routers.items():
             load = loads[name]
-            if load.sum() > 0:
-                violation = load.max() / load.mean() - 1
-                violations.append(violation)
-                self.log(f"balance/max_violation/{name.removesuffix('.ffn.router')}", violation, batch_size=1)
+            # on the device, no `if`: reading a value back would stall the host once per layer and step
+            violation = torch.where(load.sum() > 0, load.max() / load.mean() - 1, 0.0)
+            violations.append(violation)
+            self.log(f"balance/max_violation/{name.removesuffix('.ffn.router')}", violation, batch_size=1)
             router.update_bias(load)
         if violations:
             self.log("balance/max_violation", torch.stack(violations).max(), batch_size=1)
@@ -169,7 +199,10 @@ class DeepSeekV3Module(L.LightningModule):
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         """AdamW over `groups`: the hook a subclass overrides to wrap it (benchmarks/zero.py shards it)."""
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        # fused on GPUs: one kernel per group instead of torch's foreach path (several passes over
+        # parameters and moments, the largest non-GEMM cost of the mini preset's step)
+        fused = all(p.is_cuda for group in groups for p in group["params"]) or None
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=fused)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer(decay_groups(self.named_parameters(), self.hparams.weight_decay))
@@ -181,8 +214,10 @@ class DeepSeekV3Module(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        """Refuse data the model cannot take, before the first step (`DSV3Strategy` checks earlier)."""
+        """Refuse data the model cannot take, before the first step (`DSV3Strategy` checks earlier),
+        and fp8 on a device without fp8 tensor cores, before the model is built."""
         self.check_data(getattr(self.trainer, "datamodule", None))
+        check_float8_device(self.trainer.strategy.root_device, self.hparams.get("float8"))
 
     def check_data(self, datamodule: Any) -> None:
         """Raise ValueError if the data module's token ids or sequence length do not fit the model."""

@@ -26,16 +26,17 @@ def cases() -> dict[str, torch.Tensor]:
     }
 
 
-def check(codec: BlockCodec, x: torch.Tensor) -> None:
+def check(codec: BlockCodec, x: torch.Tensor, device: str = "cpu") -> None:
+    """The kernels on `device` (the interpreter on "cpu") against the eager codec on the CPU."""
     fp8 = codec.value_dtype == torch.float8_e4m3fn
     ref = codec.pack(x)
-    got = codec_kernels.pack(x, codec.block_size, codec.qmax, fp8)
+    got = codec_kernels.pack(x.to(device), codec.block_size, codec.qmax, fp8).cpu()
     assert torch.equal(got, ref), (
         f"{codec.name} pack of {tuple(x.shape)} {x.dtype}: {(got != ref).sum()} bytes"
     )
     # decoded to fp32 only: the interpreter's own fp32 -> bf16 store rounds differently from a GPU's
     want = codec.unpack(ref, x.shape, torch.float32)
-    out = codec_kernels.unpack(ref, x.shape[-1], codec.block_size, torch.float32, fp8)
+    out = codec_kernels.unpack(ref.to(device), x.shape[-1], codec.block_size, torch.float32, fp8).cpu()
     assert _same(out, want), f"{codec.name} unpack of {tuple(x.shape)} {x.dtype}"
 
 
@@ -44,16 +45,21 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
 
 
-def main() -> None:
+def check_all(device: str = "cpu") -> None:
+    """Every case, in fp32 and bf16, through both codecs, and every fp8 code's decoding."""
     for codec in (Fp8BlockCodec(), Int8BlockCodec()):
         for name, x in cases().items():
-            check(codec, x)
-            if name != "fp32_subnormals":  # the interpreter loads bf16 subnormals wrongly; a GPU does not
-                check(codec, x.clamp(-(2.0**127), 2.0**127).to(torch.bfloat16))
+            check(codec, x, device)
+            if device != "cpu" or name != "fp32_subnormals":  # the interpreter loads bf16 subnormals wrongly
+                check(codec, x.clamp(-(2.0**127), 2.0**127).to(torch.bfloat16), device)
     codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
     buf = torch.cat([codes, torch.ones(2).view(torch.uint8).view(2, 4)], dim=1)  # every code, scale 1
-    decoded = codec_kernels.unpack(buf, 128, 128, torch.float32, fp8=True)
+    decoded = codec_kernels.unpack(buf.to(device), 128, 128, torch.float32, fp8=True).cpu()
     assert _same(decoded, codes.view(torch.float8_e4m3fn).float())
+
+
+def main() -> None:
+    check_all()
     print("codec kernels match the eager codec")
 
 

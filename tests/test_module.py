@@ -102,3 +102,26 @@ def test_debug_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert cli.trainer.global_step == 3
     assert list(tmp_path.glob("runs/debug/version_0/checkpoints/last.ckpt"))
     assert (tmp_path / "runs/debug/version_0/metrics.csv").exists()
+
+
+def test_compile_takes_a_mode_and_reaches_the_cross_entropy() -> None:
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        DeepSeekV3Module(compile="fast")
+    plain = DeepSeekV3Module().build_chunk()
+    chunk = DeepSeekV3Module(compile="reduce-overhead").build_chunk()  # compiled lazily: nothing traced yet
+    assert chunk.cross_entropy is not plain.cross_entropy
+    assert all(block._compiled_call_impl is not None for block in chunk.all_blocks())
+    tokens = torch.randint(0, chunk.config.vocab_size, (2, 9))
+    logits = torch.randn(2, 8, chunk.config.vocab_size)
+    torch.testing.assert_close(
+        chunk.cross_entropy(logits, tokens[:, 1:]), plain.cross_entropy(logits, tokens[:, 1:])
+    )
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_losses_go_to_the_progress_bar_only_where_one_shows_them(tmp_path: Path, bar: bool) -> None:
+    """Lightning reads progress-bar values back to the host after every batch: without a bar, none."""
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_progress_bar=bar)
+    trainer.fit(DeepSeekV3Module(), _data())
+    assert ("train_loss" in trainer.progress_bar_metrics) is bar
+    assert "train_loss" in trainer.logged_metrics

@@ -8,7 +8,7 @@ of the whole model ("layers.7.attn.wq_a.weight"), so stages load slices of one s
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        self.cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
         self.layer_ids = list(range(config.n_layers)) if layer_ids is None else list(layer_ids)
         bad = [i for i in self.layer_ids if not 0 <= i < config.n_layers]
         if bad:
@@ -89,6 +90,19 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
 
+    def compile_parts(self, mode: str | None = None) -> None:
+        """torch.compile each decoder layer and the loss's cross-entropy, in place.
+
+        Layer by layer rather than the whole chunk: a pipeline runs a layer's parts one at a time, and
+        the layers compile to one graph that every layer of a stage reuses. The cross-entropy runs in
+        fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the logits and its softmax
+        (four passes over 2 GiB at the mini preset's 16K tokens), compiled it reads the bf16 logits and
+        writes their gradient. `mode` is torch.compile's ("reduce-overhead" replays CUDA graphs).
+        """
+        for block in self.all_blocks():
+            block.compile(mode=mode)
+        self.cross_entropy = torch.compile(_cross_entropy, mode=mode)
+
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
         """h: (batch, seq, dim) last hidden state; tokens: (batch, seq + 1) -> LossOutput.
 
@@ -96,7 +110,7 @@ class Transformer(nn.Module):
         [0, seq - k), feeding on the embeddings of tokens[:, k:seq].
         """
         seq = h.shape[1]
-        ce = _cross_entropy(self.logits(h), tokens[:, 1:])
+        ce = self.cross_entropy(self.logits(h), tokens[:, 1:])
         mtp_losses: list[torch.Tensor] = []
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
@@ -104,7 +118,7 @@ class Transformer(nn.Module):
                 break
             cos, sin = self.rope(seq - k)
             h_prev = module(h_prev[:, : seq - k], self.embed(tokens[:, k:seq]), cos, sin)
-            mtp_losses.append(_cross_entropy(self.head(module.norm(h_prev)), tokens[:, k + 1 :]))
+            mtp_losses.append(self.cross_entropy(self.head(module.norm(h_prev)), tokens[:, k + 1 :]))
         loss = ce
         if mtp_losses:
             loss = ce + self.config.mtp_loss_weight * torch.stack(mtp_losses).mean()

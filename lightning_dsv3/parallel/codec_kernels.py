@@ -3,18 +3,22 @@
 The eager codec runs about ten passes over fp32 temporaries (cast, abs, amax, divide, clamp, cast,
 copy): on an H100 it packs and unpacks at about 5% of a device-to-device copy's rate, too slow for
 FP8 dispatch to pay (benchmarks/results/codec_throughput-*). These kernels give the same bytes as the
-eager code, bit for bit: each program loads G blocks of one row, takes their amax, the scale
-amax / qmax rounded toward zero (IEEE division, then one ulp down, like `torch.nextafter`), divides
-with IEEE division, clamps, and rounds to the code by integer arithmetic: e4m3 codes are built from
-the value's exponent and a round-half-to-even of its mantissa, so the result does not depend on how
-a backend converts to float8 (Triton's CPU interpreter, which the tests use, rounds differently).
-Decoding rebuilds the value from the code's bits and multiplies by the scale in fp32, as eager does.
+eager code, bit for bit: each program takes `_UNITS` consecutive (row, block) units, their amax, the
+scale amax / qmax rounded toward zero (IEEE division, then one ulp down, like `torch.nextafter`),
+divides with IEEE division, clamps, and converts with the hardware's round-to-nearest-even fp8
+conversion, as torch's cast does. Decoding widens the code and multiplies by the scale in fp32.
+
+Two paths are kept for Triton's CPU interpreter, which the CPU tests use and which neither converts
+to fp8 like a GPU nor casts pointers: there e4m3 codes are built by integer arithmetic from the value's
+exponent and a round-half-to-even of its mantissa, and scales are stored byte by byte.
 
 A NaN element encodes to a NaN code; the other elements of its block then differ from the eager
 codec's (which turns the whole block into NaN): garbage in, garbage out, without a host sync.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,12 +28,20 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton: the eager codec serves them
     triton = None
 
-_G = 8  # blocks per program: 1024 channels of one row at block size 128
+# (row, block) units per program and warps: 32 blocks of 128 channels is 8 KiB of bf16 per program,
+# enough bytes in flight per SM to keep an H100's memory busy (benchmarks/results/codec_throughput-*)
+_UNITS = 32
+_WARPS = 4
 
 
 def available(x: torch.Tensor, block_size: int) -> bool:
     """Whether the kernels can pack/unpack x: a CUDA tensor, Triton installed, a power-of-two block."""
     return triton is not None and x.is_cuda and block_size & (block_size - 1) == 0
+
+
+def _native() -> bool:
+    """Compiled for a GPU (True) or run by Triton's CPU interpreter (False)."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def pack(x: torch.Tensor, block_size: int, qmax: float, fp8: bool) -> torch.Tensor:
@@ -38,9 +50,13 @@ def pack(x: torch.Tensor, block_size: int, qmax: float, fp8: bool) -> torch.Tens
     x2 = x.reshape(-1, dim).contiguous()
     n_blocks = -(-dim // block_size)
     buf = torch.empty(x2.shape[0], dim + 4 * n_blocks, dtype=torch.uint8, device=x.device)
-    if x2.shape[0] and n_blocks:
-        grid = (x2.shape[0], triton.cdiv(n_blocks, _G))
-        _pack_kernel[grid](x2, buf, dim, n_blocks, buf.shape[1], qmax, FP8=fp8, BS=block_size, G=_G)
+    units = x2.shape[0] * n_blocks
+    if units:
+        native = _native()
+        _pack_kernel[(triton.cdiv(units, _UNITS),)](
+            x2, buf, dim, n_blocks, units, buf.shape[1], qmax, FP8=fp8, NATIVE=native,
+            SCALE_WORDS=native and dim % 4 == 0, BS=block_size, U=_UNITS, num_warps=_WARPS,
+        )  # fmt: skip
     return buf
 
 
@@ -48,9 +64,13 @@ def unpack(buf: torch.Tensor, dim: int, block_size: int, dtype: torch.dtype, fp8
     """(rows, dim + 4 * n_blocks) uint8 -> (rows, dim) in `dtype`, the inverse of `pack`."""
     n_blocks = -(-dim // block_size)
     out = torch.empty(buf.shape[0], dim, dtype=dtype, device=buf.device)
-    if buf.shape[0] and n_blocks:
-        grid = (buf.shape[0], triton.cdiv(n_blocks, _G))
-        _unpack_kernel[grid](buf.contiguous(), out, dim, n_blocks, buf.shape[1], FP8=fp8, BS=block_size, G=_G)
+    units = buf.shape[0] * n_blocks
+    if units:
+        native = _native()
+        _unpack_kernel[(triton.cdiv(units, _UNITS),)](
+            buf.contiguous(), out, dim, n_blocks, units, buf.shape[1], FP8=fp8, NATIVE=native,
+            SCALE_WORDS=native and dim % 4 == 0, BS=block_size, U=_UNITS, num_warps=_WARPS,
+        )  # fmt: skip
     return out
 
 
@@ -93,49 +113,64 @@ if triton is not None:
         return tl.where(((c >> 7) & 1) == 1, -mag, mag)
 
     @triton.jit
-    def _pack_kernel(x_ptr, buf_ptr, dim, n_blocks, row_bytes, qmax, FP8: tl.constexpr, BS: tl.constexpr,
-                     G: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1) * G + tl.arange(0, G)  # (G,)
-        col = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # (G, BS)
-        inside = (col < dim) & (blk[:, None] < n_blocks)
+    def _units(U: tl.constexpr, BS: tl.constexpr, dim, n_blocks, units):
+        """This program's U (row, block) units: row and block (U, 1) int64, whether the unit exists
+        (U, 1), columns (U, BS) and which of them are inside the payload (U, BS)."""
+        unit = tl.program_id(0).to(tl.int64) * U + tl.arange(0, U)
+        row = (unit // n_blocks)[:, None]
+        block = (unit % n_blocks)[:, None]
+        valid = (unit < units)[:, None]
+        col = block * BS + tl.arange(0, BS)[None, :]
+        return row, block, valid, col, (col < dim) & valid
+
+    @triton.jit
+    def _pack_kernel(x_ptr, buf_ptr, dim, n_blocks, units, row_bytes, qmax, FP8: tl.constexpr,
+                     NATIVE: tl.constexpr, SCALE_WORDS: tl.constexpr, BS: tl.constexpr,
+                     U: tl.constexpr):  # fmt: skip
+        row, block, valid, col, inside = _units(U, BS, dim, n_blocks, units)
         x = tl.load(x_ptr + row * dim + col, mask=inside, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)  # (G,); padding zeros never raise it
+        amax = tl.max(tl.abs(x), axis=1)  # (U,); padding zeros never raise it
         scale = tl.math.div_rn(amax, qmax)
         scale = tl.where(
             scale > 0, (scale.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), scale
         )
         v = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)[:, None])
         v = tl.minimum(tl.maximum(v, -qmax), qmax)
-        if FP8:
-            code = _e4m3_code(v)
+        if FP8 and NATIVE:
+            code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        elif FP8:
+            code = _e4m3_code(v).to(tl.uint8)
         else:
-            code = _rint(v).to(tl.int32) & 0xFF  # two's complement byte of the int8 code
+            code = (_rint(v).to(tl.int32) & 0xFF).to(tl.uint8)  # two's complement byte of the int8 code
         row_ptr = buf_ptr + row * row_bytes
-        tl.store(row_ptr + col, code.to(tl.uint8), mask=inside)
-        bits = scale.to(tl.int32, bitcast=True)
-        byte = tl.arange(0, 4)
-        scale_bytes = (bits[:, None] >> (8 * byte[None, :])) & 0xFF  # little-endian fp32, as `view(uint8)`
-        tl.store(row_ptr + dim + blk[:, None] * 4 + byte[None, :], scale_bytes.to(tl.uint8),
-                 mask=blk[:, None] < n_blocks)  # fmt: skip
+        tl.store(row_ptr + col, code, mask=inside)
+        if SCALE_WORDS:  # rows of dim % 4 == 0 keep every scale 4-byte aligned: one fp32 store each
+            tl.store((row_ptr + dim + block * 4).to(tl.pointer_type(tl.float32)), scale[:, None], mask=valid)
+        else:  # little-endian fp32 bytes, as `view(uint8)` lays them out
+            byte = tl.arange(0, 4)[None, :]
+            bits = scale.to(tl.int32, bitcast=True)[:, None]
+            tl.store(row_ptr + dim + block * 4 + byte, ((bits >> (8 * byte)) & 0xFF).to(tl.uint8),
+                     mask=valid)  # fmt: skip
 
     @triton.jit
-    def _unpack_kernel(buf_ptr, out_ptr, dim, n_blocks, row_bytes, FP8: tl.constexpr, BS: tl.constexpr,
-                       G: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1) * G + tl.arange(0, G)
-        col = blk[:, None] * BS + tl.arange(0, BS)[None, :]
-        inside = (col < dim) & (blk[:, None] < n_blocks)
+    def _unpack_kernel(buf_ptr, out_ptr, dim, n_blocks, units, row_bytes, FP8: tl.constexpr,
+                       NATIVE: tl.constexpr, SCALE_WORDS: tl.constexpr, BS: tl.constexpr,
+                       U: tl.constexpr):  # fmt: skip
+        row, block, valid, col, inside = _units(U, BS, dim, n_blocks, units)
         row_ptr = buf_ptr + row * row_bytes
-        c = tl.load(row_ptr + col, mask=inside, other=0).to(tl.int32)
-        if FP8:
-            value = _e4m3_value(c)
+        c = tl.load(row_ptr + col, mask=inside, other=0)
+        if FP8 and NATIVE:
+            value = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        elif FP8:
+            value = _e4m3_value(c.to(tl.int32))
         else:
-            value = (((c + 128) & 0xFF) - 128).to(tl.float32)
-        scale_ptr = row_ptr + dim + blk * 4
-        valid = blk < n_blocks
-        bits = tl.load(scale_ptr, mask=valid, other=0).to(tl.int32)
-        for k in tl.static_range(1, 4):
-            bits = bits | (tl.load(scale_ptr + k, mask=valid, other=0).to(tl.int32) << (8 * k))
-        out = value * bits.to(tl.float32, bitcast=True)[:, None]
-        tl.store(out_ptr + row * dim + col, out.to(out_ptr.dtype.element_ty), mask=inside)
+            value = c.to(tl.int8, bitcast=True).to(tl.float32)
+        if SCALE_WORDS:
+            scale = tl.load(
+                (row_ptr + dim + block * 4).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0
+            )
+        else:
+            byte = tl.arange(0, 4)[None, :]
+            parts = tl.load(row_ptr + dim + block * 4 + byte, mask=valid, other=0).to(tl.int32)
+            scale = tl.sum(parts << (8 * byte), axis=1, keep_dims=True).to(tl.float32, bitcast=True)
+        tl.store(out_ptr + row * dim + col, (value * scale).to(out_ptr.dtype.element_ty), mask=inside)

@@ -124,6 +124,7 @@ class Chain:
     """The last event of one micro-batch's parts: its next part waits for it, on whichever stream."""
 
     last: Any = None
+    stream: Any = None  # the stream `last` was recorded on (a part there needs no wait)
 
 
 class Streams:
@@ -144,22 +145,24 @@ class Streams:
             yield
             return
         stream = self.comm if kind == COMM else self.compute
-        if chain.last is not None:
+        if chain.last is not None and chain.stream is not stream:  # one stream runs in order anyway
             stream.wait_event(chain.last)
-        start = torch.cuda.Event(enable_timing=self.record)
-        start.record(stream)
+        start = None
+        if self.record:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
         with torch.cuda.stream(stream):
             yield
         end = torch.cuda.Event(enable_timing=self.record)
         end.record(stream)
-        chain.last = end
+        chain.last, chain.stream = end, stream
         if self.record:
             self.records.append(PartRecord(name, kind, start, end))
 
     def join(self, chain: Chain) -> None:
         """Make the compute stream (where NCCL's sends and receives are ordered, and where the caller
         reads results) wait for the last part of `chain`, which may have run on the comm stream."""
-        if self.cuda and chain.last is not None:
+        if self.cuda and chain.last is not None and chain.stream is not self.compute:
             self.compute.wait_event(chain.last)
 
     def resume(self, chain: Chain) -> None:
@@ -168,7 +171,7 @@ class Streams:
         if self.cuda:
             event = torch.cuda.Event()
             event.record(self.compute)
-            chain.last = event
+            chain.last, chain.stream = event, self.compute
 
     def share(self, *tensors: torch.Tensor | None) -> None:
         """Mark tensors that one stream made and the other reads as in use by both, so the caching
@@ -178,6 +181,20 @@ class Streams:
                 if t is not None and t.is_cuda:
                     t.record_stream(self.compute)
                     t.record_stream(self.comm)
+
+
+ParamCache = dict[tuple[nn.Module, str], list[nn.Parameter]]
+
+
+def _cached(cache: ParamCache | None, module: nn.Module, part: str, find: Callable[[], list]) -> list:
+    """`find()`, remembered in `cache` (if given) under (module, part): walking a module's children
+    for its parameters costs more host time than running a small part."""
+    if cache is None:
+        return find()
+    key = (module, part)
+    if key not in cache:
+        cache[key] = find()
+    return cache[key]
 
 
 def _block_params(block: Block, part: str) -> list[nn.Parameter]:
@@ -207,30 +224,38 @@ def forward_parts(
     loss_scale: float,
     streams: Streams,
     chain: Chain,
+    params: ParamCache | None = None,
 ) -> Iterator[str]:
     """Forward `chunk` one part per step, recording `tape` (yields each part's stream kind).
 
-    `first_input` is the received hidden state, or the token ids on the first stage.
+    `first_input` is the received hidden state, or the token ids on the first stage. `params` keeps
+    each part's parameter list between calls (the caller empties it when parameters may change).
     """
     if is_first:
         with streams.part(COMPUTE, chain, "embed"):
             h = chunk.embed_tokens(first_input)
-        tape.parts.append(_Part("embed", COMPUTE, [], [h], list(chunk.embed.parameters())))
+        embed_params = _cached(params, chunk, "embed", lambda: list(chunk.embed.parameters()))
+        tape.parts.append(_Part("embed", COMPUTE, [], [h], embed_params))
         yield COMPUTE
     else:
         tape.chunk_input = first_input
         h = first_input
     cos, sin = chunk.rope(h.shape[1])
     for block in chunk.blocks():
-        yield from _layer_parts(block, h, cos, sin, tape, streams, chain)
+        yield from _layer_parts(block, h, cos, sin, tape, streams, chain, params)
         h = tape.parts[-1].outputs[0]
     if is_last:
         leaf = tape.leaf(h)
         with streams.part(COMPUTE, chain, "loss"):
             tape.loss = loss_fn(chunk, leaf, tokens)
             loss = tape.loss.loss * loss_scale
-        params = [p for name, p in chunk.named_parameters() if not name.startswith("layers.")]
-        tape.parts.append(_Part("loss", COMPUTE, [leaf], [loss], params))
+        head_params = _cached(
+            params,
+            chunk,
+            "loss",
+            lambda: [p for name, p in chunk.named_parameters() if not name.startswith("layers.")],
+        )
+        tape.parts.append(_Part("loss", COMPUTE, [leaf], [loss], head_params))
         tape.output = loss
         yield COMPUTE
     else:
@@ -245,6 +270,7 @@ def _layer_parts(
     tape: Tape,
     streams: Streams,
     chain: Chain,
+    params: ParamCache | None = None,
 ) -> Iterator[str]:
     """The four parts of one layer; each part's outputs become leaves of the parts that read them."""
     name = f"L{block.layer_id}"
@@ -252,7 +278,8 @@ def _layer_parts(
     with streams.part(COMPUTE, chain, f"{name}.attention"):
         st = block.attention(x_in, cos, sin)
     outs = [st.h, st.x] + ([st.routing.weights, st.routed] if block.is_moe else [])
-    tape.parts.append(_Part(f"{name}.attention", COMPUTE, [x_in], outs, _block_params(block, "attention")))
+    attn_params = _cached(params, block, "attention", lambda: _block_params(block, "attention"))
+    tape.parts.append(_Part(f"{name}.attention", COMPUTE, [x_in], outs, attn_params))
     streams.share(*outs)
     st.h, st.x = tape.leaf(st.h), tape.leaf(st.x)
     if block.is_moe:
@@ -271,7 +298,8 @@ def _layer_parts(
     with streams.part(COMPUTE, chain, f"{name}.mlp"):
         st = block.mlp(st)
     mlp_out = [t for t in (st.expert_out, st.ffn_out) if t is not None]
-    tape.parts.append(_Part(f"{name}.mlp", COMPUTE, mlp_in, mlp_out, _block_params(block, "mlp")))
+    mlp_params = _cached(params, block, "mlp", lambda: _block_params(block, "mlp"))
+    tape.parts.append(_Part(f"{name}.mlp", COMPUTE, mlp_in, mlp_out, mlp_params))
     streams.share(*mlp_out)
     st.expert_out = tape.leaf(st.expert_out) if st.expert_out is not None else None
     st.ffn_out = tape.leaf(st.ffn_out) if st.ffn_out is not None else None

@@ -7,8 +7,9 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 
 Every forward is recorded part by part (see `overlap.py`), so backwards run part by part too: the
 overlapped FB action interleaves one micro-batch's forward with another's backward, and backward for
-inputs (B) and for weights (W) are split per part (B keeps the part's graph, W walks it for the
-weights).
+inputs (B) and for weights (W) are split per part (B keeps the part's graph, W walks it again for
+the weights). A B followed at once by its own W (stage 0, whose input gradient nobody waits for) runs
+as one full backward and is recorded as BW: the split would only walk the graphs twice.
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
-from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts, lockstep
+from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts, lockstep
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
 
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], LossOutput]
@@ -119,7 +120,9 @@ class PipelineRuntime:
         self.rank = pp_rank
         self.group = group
         self.global_rank = global_rank
+        self._peer_ranks = [global_rank(r) for r in range(schedule.pp)]  # read per transfer: kept
         self.loss_fn = loss_fn
+        self._part_params: ParamCache = {}
         device = next(chunks[0].parameters()).device
         self.streams = Streams(device)
         self.action_clock = ActionClock(device)
@@ -153,18 +156,32 @@ class PipelineRuntime:
                 f"the schedule runs {schedule.n_microbatches} micro-batches, got {len(microbatches)}"
             )
         self.action_clock.start()
+        self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         state = _State()
         actions = schedule.actions[self.rank]
         i = 0
         while i < len(actions):
-            if actions[i].op.is_comm:
+            action = actions[i]
+            if action.op.is_comm:
                 j = i
                 while j < len(actions) and actions[j].op.is_comm:
                     j += 1
                 self._communicate(actions[i:j], state, microbatches)
                 i = j
                 continue
-            self._compute(schedule, actions[i], state, microbatches, loss_scale, grad)
+            if (
+                action.op is Op.B
+                and i + 1 < len(actions)
+                and actions[i + 1] == Action(Op.W, action.mb, action.chunk)
+            ):
+                # nothing runs between this B and its W (typically stage 0: no input gradient to
+                # send), so splitting would only walk the parts' graphs twice: one full backward
+                self._compute(
+                    schedule, Action(Op.BW, action.mb, action.chunk), state, microbatches, loss_scale, grad
+                )
+                i += 2
+                continue
+            self._compute(schedule, action, state, microbatches, loss_scale, grad)
             i += 1
         left = sorted(state.tapes) + sorted(state.sends) + sorted(state.input_grads)
         if left:
@@ -225,6 +242,7 @@ class PipelineRuntime:
             loss_scale,
             self.streams,
             chain,
+            self._part_params,
         )
         self.streams.join(chain)  # the output leaves through NCCL, ordered on the compute stream
         state.tapes[(mb, c)] = tape
@@ -280,7 +298,7 @@ class PipelineRuntime:
     ) -> None:
         ops = []
         for a in actions:
-            peer = self.global_rank(a.peer)
+            peer = self._peer_ranks[a.peer]
             key = (a.mb, a.chunk)
             if a.op is Op.SEND_ACT:
                 ops.append(dist.P2POp(dist.isend, state.sends.pop(key).contiguous(), peer, self.group))

@@ -109,16 +109,16 @@ class TiedCopies:
             present = [n for n in names if tensors_of.get(n)]
             if not present:
                 continue
-            local = [torch.stack(tensors_of[n]).sum(0) for n in present]
+            # one copy here (DualPipe: the mirror copy is on the other rank) goes into the flat
+            # buffer as it is; several are summed first
+            local = [ts[0] if len(ts) == 1 else torch.stack(ts).sum(0) for ts in map(tensors_of.get, present)]
             flat = torch.cat([t.reshape(-1) for t in local])
             if group is not None:
                 dist.all_reduce(flat, group=group)
-            offset = 0
-            for n, t in zip(present, local):
-                total = flat[offset : offset + t.numel()].view_as(t)
-                offset += t.numel()
-                for copy in tensors_of[n]:
-                    copy.copy_(total)
+            totals = flat.split([t.numel() for t in local])
+            dst = [copy for n in present for copy in tensors_of[n]]
+            src = [total.view_as(copy) for n, total in zip(present, totals) for copy in tensors_of[n]]
+            torch._foreach_copy_(dst, src)  # one launch for the lot, not one per tensor
 
     def grads_by_name(self, chunks: list[nn.Module]) -> dict[str, list[torch.Tensor]]:
         """Gradient tensors of this rank's chunks by name (a zero gradient is created where missing)."""

@@ -15,10 +15,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SMALL_MODES = {
-    "end_to_end": ["--preset", "debug", "--steps", "3", "--seq-len", "32", "--batch", "2", "--warmup", "1"],
+    "end_to_end": [
+        "--preset",
+        "debug",
+        "--steps",
+        "5",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--profile",
+        "1",
+    ],
+    "checkpointing": [
+        "--preset",
+        "debug",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--options",
+        "none",
+        "layer",
+    ],
     "overlap": ["--preset", "debug", "--layers", "2", "--tokens", "64", "--seq-len", "32", "--reps", "1"],
 }
 
+
+SMALL_MODES_VARIANTS = "plain,auto,dsv3,dsv3-padv,dsv3-compile".split(",")  # end_to_end's default
 
 TORCHRUN_SMALL_MODES = {
     "pipeline_schedules": [
@@ -29,6 +59,7 @@ TORCHRUN_SMALL_MODES = {
     "end_to_end_multi": [
         "--preset", "debug", "--seq-len", "32", "--global-batch", "8", "--steps", "3", "--warmup", "1",
     ],
+    "pipeline_host": ["--layers", "2", "--steps", "2", "--warmup", "1"],
 }  # fmt: skip
 
 
@@ -50,6 +81,11 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
     assert len(files) == 1
     text = files[0].read_text()
     assert "- device:" in text and "- command:" in text and "| " in text
+    if script == "end_to_end":  # the profiled steps' tables, one per variant
+        assert text.count("profiled steps 1..3") == len(SMALL_MODES_VARIANTS)
+    elif script == "checkpointing":
+        saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
+        assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
 
 
 @pytest.mark.parametrize("script", sorted(TORCHRUN_SMALL_MODES))
@@ -79,5 +115,5 @@ def test_multi_process_benchmark_small_mode(script: str, tmp_path: Path) -> None
         assert optimizer["ddp-zero"] < optimizer["ddp"]
         # fp32 parameters are their own ZeRO-1 master: half the moments at dp=2, no copy of the weights
         assert optimizer["dsv3-zero1"] == pytest.approx(optimizer["dsv3"] / 2, rel=0.1)
-    else:
+    elif script == "end_to_end_multi":
         assert [r[0] for r in rows][:3] == ["ddp", "dsv3:dp=2", "dsv3:ep=2"] and len(rows) == 5

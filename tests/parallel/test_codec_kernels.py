@@ -39,3 +39,14 @@ def test_gpu_pack_and_unpack_equal_the_cpu_codec(codec, dtype) -> None:
     packed = codec.pack(x.cuda())
     assert torch.equal(packed.cpu(), codec.pack(x))
     assert torch.equal(codec.unpack(packed, x.shape, dtype).cpu(), codec.unpack(packed.cpu(), x.shape, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernels_match_the_eager_codec_on_adversarial_inputs(monkeypatch) -> None:
+    """Ties, subnormals, huge and tiny magnitudes, zeros, every fp8 code: the hardware's fp8 conversion
+    gives the eager codec's bytes."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import kernel_checks
+
+    kernel_checks.check_all("cuda")

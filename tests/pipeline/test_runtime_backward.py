@@ -1,0 +1,93 @@
+"""The runtime's backward: a B followed at once by its own W runs as one full backward, with the
+same gradients bit for bit; a B whose input gradient is sent before its W stays split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_dsv3.config import get_preset
+from lightning_dsv3.model.transformer import LossOutput, Transformer
+from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts
+from lightning_dsv3.pipeline.runtime import PipelineRuntime
+from lightning_dsv3.pipeline.schedules import Action, Op, make_schedule
+from lightning_dsv3.pipeline.stages import StagePlan
+
+CONFIG = get_preset("debug", max_seq_len=16, original_seq_len=16)
+
+
+def _loss(chunk: Transformer, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+    return chunk.loss(h, tokens)
+
+
+class _Loopback(PipelineRuntime):
+    """One pipeline rank alone: receives are random tensors, sends are dropped."""
+
+    def _communicate(self, actions: tuple[Action, ...], state: Any, microbatches: list[torch.Tensor]) -> None:
+        for a in actions:
+            key = (a.mb, a.chunk)
+            if a.op is Op.SEND_ACT:
+                state.sends.pop(key)
+            elif a.op is Op.SEND_GRAD:
+                state.input_grads.pop(key)
+            else:
+                buf = torch.randn_like(self._hidden_buffer(microbatches[a.mb]))
+                (state.acts if a.op is Op.RECV_ACT else state.grads)[key] = buf
+
+
+def _run_rank(name: str, pp: int, n_microbatches: int, rank: int) -> list[str]:
+    torch.manual_seed(0)
+    schedule = make_schedule(name, pp, n_microbatches)
+    plan = StagePlan.build(CONFIG, schedule)
+    chunks = []
+    for spec in plan.chunks_of(rank):
+        chunk = Transformer(CONFIG, spec.layer_ids, spec.with_embedding, spec.with_head)
+        chunk.init_weights(0)
+        chunks.append(chunk)
+    runtime = _Loopback(schedule, chunks, rank, None, lambda r: r, _loss)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2 * n_microbatches, 9))
+    runtime.run(list(tokens.chunk(n_microbatches)), 1.0 / n_microbatches)
+    return [t.action for t in runtime.timings]
+
+
+def test_a_b_right_before_its_w_runs_as_one_backward() -> None:
+    # DualPipe, pp=2: each rank ends with B then W of its stage-0 chunk, nothing in between
+    listed = [str(a) for a in make_schedule("dualpipe", 2, 4).compute_actions(0)]
+    assert listed[-2:] == ["B(1.0)", "W(1.0)"]
+    ran = _run_rank("dualpipe", 2, 4, rank=0)
+    assert ran == listed[:-2] + ["BW(1.0)"]
+
+
+def test_a_b_whose_gradient_is_sent_first_stays_split() -> None:
+    # DualPipeV, pp=2, rank 0: B(0.1) SEND_GRAD W(0.1) keeps the split; its stage-0 B, W pairs fuse
+    ran = _run_rank("dualpipev", 2, 4, rank=0)
+    assert "B(0.1)" in ran and "W(0.1)" in ran
+    assert not any(a.startswith("B(") and a.endswith(".0)") for a in ran)
+    assert any(a.startswith("BW(") and a.endswith(".0)") for a in ran)
+
+
+def _grads_after(split: bool) -> dict[str, torch.Tensor]:
+    chunk = Transformer(CONFIG, [1, 2], with_embedding=False, with_head=False)
+    chunk.init_weights(0)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 8, CONFIG.dim, generator=gen).requires_grad_(True)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=gen)
+    tape, streams = Tape(), Streams(torch.device("cpu"))
+    for _ in forward_parts(chunk, tape, hidden, tokens, False, False, _loss, 1.0, streams, Chain()):
+        pass
+    grad_out = torch.randn(tape.output.shape, generator=gen)
+    for _ in tape.backward_parts(grad_out, split, streams, Chain()):
+        pass
+    if split:
+        tape.backward_weights()
+    grads = {n: p.grad for n, p in chunk.named_parameters() if p.grad is not None}
+    grads["input"] = tape.input_grad
+    return grads
+
+
+def test_split_backward_equals_full_backward_bit_for_bit() -> None:
+    split, full = _grads_after(split=True), _grads_after(split=False)
+    assert split.keys() == full.keys() and len(split) > 10
+    for name in split:
+        assert torch.equal(split[name], full[name]), name
