@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -132,6 +133,13 @@ def run_one(config: Config, preset: str, steps: int) -> dict[str, Any]:
     }
 
 
+def _fresh_world_env() -> dict[str, str]:
+    """This environment without a launcher's rendezvous variables: each child is a world of one and
+    picks a free port itself, rather than reuse a MASTER_PORT an earlier run left (it may be taken)."""
+    launch = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in launch}
+
+
 def predict(config: Config, preset: str, measured: dict[str, Any]) -> dict[str, float]:
     from lightning_dsv3.config import ParallelConfig, get_preset
     from lightning_dsv3.pipeline.stages import ChunkSpec
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     for config in configs:
         cmd = [sys.executable, "-m", "benchmarks.memory_model", "--one", json.dumps(asdict(config))]
         cmd += ["--preset", preset, "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_fresh_world_env())
         if out.returncode != 0:
             raise RuntimeError(f"{config.name} failed:\n{out.stderr[-3000:]}")
         measured = json.loads(out.stdout.strip().splitlines()[-1])
