@@ -1,13 +1,20 @@
 """ExpertLoadMonitor: tokens per layer and expert, a heatmap, max violation and the balancing bias.
 
 Each router counts the tokens it sends to each expert in its `expert_load` buffer; the module's
-`on_before_optimizer_step` turns the counts into the aux-loss-free bias update and resets them. The
-Trainer runs callbacks' `on_before_optimizer_step` before the LightningModule's, so this callback
-reads the counts of the step just before they are consumed, and the bias (`e_score_correction_bias`)
-the step was routed with. Under DSV3Strategy the counts are made global with the strategy's
-`reduce_expert_loads` (over the ranks that route tokens of a layer, and a layer's pipeline copies);
-that method syncs in place, so it is given copies. Every pipeline rank holds other layers, so the
-per-layer results are gathered over the pipeline group to rank 0.
+`on_before_optimizer_step` sums the counts over the ranks (the strategy's `reduce_expert_loads`, under
+DSV3Strategy), moves the bias (`e_score_correction_bias`) against them with `Router.update_bias`, which
+keeps them as `Router.last_load`, and resets the buffer. This callback reads what that update used
+instead of reducing the counts a second time: before the optimizer step (callbacks' hooks run before
+the LightningModule's) it notes the bias the step was routed with, and after the batch it reads
+`last_load`. So under DSV3Strategy a report costs no collective beyond the pipeline gather below.
+
+Under a strategy without `reduce_expert_loads` (Lightning's DDP, FSDP) the module sums the counts over
+every rank with the strategy's own `reduce(..., reduce_op="sum")` before the bias update, so
+`last_load` is global there too and the heatmap shows the whole global batch, not rank 0's share. A
+module that leaves the counts alone (no `update_bias` this step) gets them read from `expert_load` and
+reduced here, as the strategy or the module would; a step the strategy skipped
+as non-finite (its counts dropped, its bias kept) is not reported. Every pipeline rank holds other
+layers, so the per-layer results are gathered over the pipeline group to rank 0.
 
 Logged: `experts/max_violation/<layer>` (max load / mean load - 1, the balance the bias drives to 0),
 `experts/max_violation` (the worst layer) and `experts/bias_spread/<layer>` (max - min bias);
@@ -27,6 +34,7 @@ import torch
 
 from lightning_dsv3.callbacks.report import PeriodicReport, gather, log_scalars, log_table, new_figure
 from lightning_dsv3.model.moe import Router
+from lightning_dsv3.module import sum_over_ranks
 
 
 def _routers(module: pl.LightningModule) -> Iterator[tuple[str, Router]]:
@@ -43,6 +51,19 @@ def _layer_name(router_name: str) -> str:
     return router_name.removesuffix(".ffn.router")
 
 
+def _global_loads(trainer: pl.Trainer, routers: dict[str, Router]) -> dict[str, torch.Tensor]:
+    """Each router's counts of the step summed over the ranks, with a collective only where the module's
+    bias update did not already use global counts (see the module docstring)."""
+    used = {name: r.last_load for name, r in routers.items() if r.last_load is not None}
+    if len(used) == len(routers):
+        return used  # reduced for the bias update
+    loads = {name: r.expert_load.clone() for name, r in routers.items()}
+    reduce = getattr(trainer.strategy, "reduce_expert_loads", None)
+    if reduce is not None:
+        return reduce(loads)
+    return sum_over_ranks(trainer.strategy, loads)  # the world for DDP; itself in one process
+
+
 def _layer_order(name: str) -> tuple[bool, int]:
     """Decoder layers first, in order, then the MTP modules' layers ("layers.3", "mtp.0.block")."""
     numbers = re.findall(r"\d+", name)
@@ -53,7 +74,7 @@ class ExpertLoadMonitor(PeriodicReport):
     """Per-layer, per-expert token counts every `every_n_steps` optimizer steps.
 
     Args:
-        every_n_steps: read the counts before every n-th optimizer step (step = `trainer.global_step`
+        every_n_steps: report the counts of every n-th optimizer step (step = `trainer.global_step`
             of the step being taken, counted from 1).
         dirpath: where heatmaps go (default `<log_dir>/experts`).
     """
@@ -63,6 +84,7 @@ class ExpertLoadMonitor(PeriodicReport):
     def __init__(self, every_n_steps: int = 50, dirpath: str | Path | None = None) -> None:
         super().__init__(every_n_steps, dirpath)
         self.last: dict[str, dict[str, list[float]]] = {}  # layer -> {"load", "bias"}, on rank 0
+        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, biases routed with)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -73,16 +95,23 @@ class ExpertLoadMonitor(PeriodicReport):
         routers = dict(_routers(pl_module))
         if not routers:
             return
-        loads = {name: router.expert_load.clone() for name, router in routers.items()}
-        reduce = getattr(trainer.strategy, "reduce_expert_loads", None)
-        if reduce is not None:
-            loads = reduce(loads)
+        for router in routers.values():
+            router.last_load = None  # the module's bias update, right after this hook, sets it again
+        biases = {name: router.e_score_correction_bias.clone() for name, router in routers.items()}
+        self._pending = (step, biases)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._pending is None:
+            return
+        (step, biases), self._pending = self._pending, None
+        guard = getattr(trainer.strategy, "nonfinite", None)
+        if guard is not None and guard.skip_step:
+            return  # a dropped step: its counts were discarded and the bias did not move
+        routers = dict(_routers(pl_module))
+        loads = _global_loads(trainer, routers)
         local = {
-            _layer_name(name): {
-                "load": loads[name].tolist(),
-                "bias": router.e_score_correction_bias.tolist(),
-            }
-            for name, router in routers.items()
+            _layer_name(name): {"load": loads[name].tolist(), "bias": biases[name].tolist()}
+            for name in routers
         }
         mesh = getattr(trainer.strategy, "mesh", None)
         layers: dict[str, dict[str, list[float]]] = {}

@@ -7,7 +7,9 @@ takes the same decision: with `policy="skip"` the step is dropped everywhere (gr
 None, which SGD and AdamW skip entirely: no moment, weight-decay or router-bias update) and
 counted, until `max_consecutive` steps in a row were bad, when training stops with a message that
 names the step and the first parameter, in layer order, whose gradient went bad; `policy="raise"`
-stops at the first. The check costs one small all-reduce and one host sync per optimizer step.
+stops at the first. The check costs one small all-reduce per optimizer step, and one host wait where
+the optimizer is not fused; a fused optimizer (GPUs) skips the step from a device flag, and the host
+reads the verdict one step later (`NonFiniteGuard.check_on_device`).
 
 Stuck collectives. A collective whose peer never arrives fails after the process group's timeout
 (gloo raises; NCCL does with blocking wait) with a message that names neither the operation nor
@@ -30,6 +32,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -122,6 +125,14 @@ def describe_layer(name: str) -> str:
 class NonFiniteGuard:
     """Decides, the same way on every rank, whether an optimizer step is skipped or training stops.
 
+    Two ways to decide, one verdict. `check` reads the step's flag back at once (one host wait per
+    step) and drops the gradients of a bad step. `check_on_device`, used where the optimizer is fused
+    (GPUs), never waits: it hands the flag to the optimizer as `found_inf`, so the fused kernel leaves
+    parameters, moments and step counts as they were, exposes it as `found_inf` for the router-bias
+    update, and copies it to pinned host memory; `settle` reads it one step later (and at the end of
+    training), when the device is long past it, to count, warn or stop, naming the same step and
+    parameter as `check` would.
+
     Args:
         policy: "skip" the step (and count it), "raise" at once, or "off" (no check, no sync).
         max_consecutive: with "skip", stop once this many optimizer steps in a row were non-finite.
@@ -137,15 +148,23 @@ class NonFiniteGuard:
             )
         self.policy = policy
         self.max_consecutive = max_consecutive
-        self.skipped = 0  # optimizer steps skipped so far
+        self.skipped = 0  # optimizer steps skipped so far (settled ones, on the device path)
         self.consecutive = 0  # non-finite steps in a row, up to the last one checked
-        self.skip_step = False  # the decision for the step being taken
+        self.skip_step = False  # the host's decision for the step being taken (`check` only)
+        self.found_inf: Tensor | None = None  # the device's decision for it (`check_on_device` only)
         self._streak: tuple[int, str] | None = None  # (first step, first bad parameter) of the streak
         self._bad_loss: Tensor | None = None
+        self._pending: _Pending | None = None  # a device verdict not read back yet
 
     @property
     def enabled(self) -> bool:
         return self.policy != "off"
+
+    @staticmethod
+    def decides_on_device(optimizer: Any) -> bool:
+        """Whether `optimizer` can skip a step from a device flag: torch's fused Adam/AdamW/SGD take
+        `found_inf` (as GradScaler passes it) and undo their step counts where it is set."""
+        return bool(getattr(optimizer, "defaults", {}).get("fused"))
 
     def observe_loss(self, loss: Tensor) -> None:
         """Remember whether a loss of this optimizer step (any accumulated micro-step) was not finite."""
@@ -153,29 +172,70 @@ class NonFiniteGuard:
             bad = (~torch.isfinite(loss.detach())).float()
             self._bad_loss = bad if self._bad_loss is None else torch.maximum(self._bad_loss, bad)
 
+    def _flags(self, grads: list[tuple[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(2,) world-reduced [gradients bad, loss bad] and (n,) this rank's per-gradient bad flags."""
+        device = grads[0][1].device if grads else torch.device("cpu")
+        sums = [g.sum(dtype=torch.float32) for _, g in grads]  # NaN and Inf survive a sum
+        local = (
+            ~torch.isfinite(torch.stack(sums)) if sums else torch.zeros(0, dtype=torch.bool, device=device)
+        )
+        bad_loss = self._bad_loss.to(device) if self._bad_loss is not None else torch.zeros((), device=device)
+        flags = torch.stack([local.any().float(), bad_loss])
+        self._bad_loss = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            with collective("non-finite check all_reduce", None, "world"):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags, local
+
     def check(self, grads: list[tuple[str, Tensor]], step: int) -> bool:
         """Whether optimizer step `step` must be skipped; raises NonFiniteError when training must stop.
 
         `grads` are this rank's reduced gradients by parameter name (a ZeRO-1 rank passes its shard's
         pieces). A collective over the whole world: every rank calls it at every optimizer step.
         """
-        self.skip_step = False
+        self.skip_step, self.found_inf = False, None
         if not self.enabled:
             return False
-        device = grads[0][1].device if grads else torch.device("cpu")
-        sums = [g.sum(dtype=torch.float32) for _, g in grads]  # NaN and Inf survive a sum
-        total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
-        bad_loss = self._bad_loss.to(device) if self._bad_loss is not None else torch.zeros((), device=device)
-        flags = torch.stack([(~torch.isfinite(total)).float(), bad_loss])
-        self._bad_loss = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            with collective("non-finite check all_reduce", None, "world"):
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags, local = self._flags(grads)
         bad_grads, loss_bad = (bool(v) for v in flags.tolist())  # the one host sync
+        mine = [name for (name, _), bad in zip(grads, local.tolist()) if bad] if bad_grads else []
+        self.skip_step = self._verdict(step, bad_grads, loss_bad, mine)
+        return self.skip_step
+
+    def check_on_device(self, grads: list[tuple[str, Tensor]], step: int, optimizer: Any) -> None:
+        """`check` without a host wait, for an optimizer that `decides_on_device`: settles the previous
+        step's verdict (raising if training must stop), then sets `optimizer.found_inf` for this one."""
+        self.settle()
+        if not self.enabled:
+            return
+        flags, local = self._flags(grads)
+        self.found_inf = flags.max()
+        optimizer.found_inf = self.found_inf
+        on_host = (flags.to("cpu", non_blocking=True), local.to("cpu", non_blocking=True))
+        event = torch.cuda.Event() if flags.is_cuda else None
+        if event is not None:
+            event.record()
+        self._pending = _Pending(step, [name for name, _ in grads], *on_host, event)
+
+    def settle(self) -> None:
+        """Count, warn or stop for the step `check_on_device` decided last (a collective when it was
+        bad: every rank settles at the same points)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.event is not None:
+            pending.event.synchronize()  # long done: it only orders the pinned copies before reading
+        bad_grads, loss_bad = (bool(v) for v in pending.flags.tolist())
+        mine = [n for n, bad in zip(pending.names, pending.local.tolist()) if bad] if bad_grads else []
+        self._verdict(pending.step, bad_grads, loss_bad, mine)
+
+    def _verdict(self, step: int, bad_grads: bool, loss_bad: bool, mine: list[str]) -> bool:
+        """Book step `step`'s flags; True when it is skipped, NonFiniteError when training must stop.
+        `mine`: the names of this rank's non-finite gradients."""
         if not (bad_grads or loss_bad):
             self.consecutive, self._streak = 0, None
             return False
-        first = self._first_bad(grads) if bad_grads else None
+        first = self._first_bad(mine) if bad_grads else None
         what = f"gradient of {first} ({describe_layer(first)})" if first else "gradient"
         if loss_bad:
             what = f"loss and {what}" if bad_grads else "loss"
@@ -191,27 +251,37 @@ class NonFiniteGuard:
                 "gradient clipping, check the data near those steps, or resume from an earlier checkpoint"
             )
         self.skipped += 1
-        self.skip_step = True
         if not dist.is_initialized() or dist.get_rank() == 0:
             warnings.warn(
                 f"skipped optimizer step {step}: non-finite {what} ({self.consecutive} in a row, training "
                 f"stops at {self.max_consecutive}; {self.skipped} skipped so far)",
-                stacklevel=2,
+                stacklevel=3,
             )
         return True
 
     @staticmethod
-    def _first_bad(grads: list[tuple[str, Tensor]]) -> str | None:
+    def _first_bad(mine: list[str]) -> str | None:
         """The first parameter, in layer order over every rank, whose gradient is not finite."""
-        local = [name for name, g in grads if not bool(torch.isfinite(g).all())]
-        mine = min(local, key=layer_order) if local else None
+        first = min(mine, key=layer_order) if mine else None
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return mine
+            return first
         everyone: list[str | None] = [None] * dist.get_world_size()
         with collective("non-finite report all_gather_object", None, "world"):
-            dist.all_gather_object(everyone, mine)
+            dist.all_gather_object(everyone, first)
         named = [n for n in everyone if n is not None]
         return min(named, key=layer_order) if named else None
+
+
+@dataclass
+class _Pending:
+    """A device verdict on its way to the host: the step, this rank's gradient names, and pinned
+    copies of the world's flags and of this rank's per-gradient flags, ordered by `event`."""
+
+    step: int
+    names: list[str]
+    flags: Tensor
+    local: Tensor
+    event: Any
 
 
 def reduced_gradients(reducer: GradientReducer) -> list[tuple[str, Tensor]]:

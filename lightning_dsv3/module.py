@@ -152,22 +152,29 @@ class DeepSeekV3Module(L.LightningModule):
         """Move each router's bias against the load it saw since the last step, and log the balance.
 
         The strategy sums the counts over every rank that routes tokens of the layer (and over the
-        pipeline copies of the layer), so replicas keep identical biases;
+        pipeline copies of the layer; under Lightning's own strategies, over every rank), so replicas
+        keep identical biases;
         max violation = max load / mean load - 1. When the strategy skips a non-finite step, the bias
-        stays and the step's counts are dropped.
+        stays and the step's counts are dropped (decided on the host, or on the device by the flag the
+        strategy also gives a fused optimizer).
         """
         routers = {name: router for chunk in self.chunks() for name, router in chunk.routers()}
         guard = getattr(self.trainer.strategy, "nonfinite", None)
+        keep: torch.Tensor | float = 1.0
         if guard is not None and guard.enabled:
             self.log("nonfinite/skipped_steps", float(guard.skipped), batch_size=1)
             if guard.skip_step:
                 for router in routers.values():
                     router.expert_load.zero_()
                 return
+            if guard.found_inf is not None:
+                keep = 1.0 - guard.found_inf
         loads = {name: router.expert_load.clone() for name, router in routers.items()}
         reduce = getattr(self.trainer.strategy, "reduce_expert_loads", None)
         if reduce is not None:
             loads = reduce(loads)
+        elif self.trainer.world_size > 1:  # Lightning's DDP or FSDP: every rank a replica, sum over all
+            loads = sum_over_ranks(self.trainer.strategy, loads)
         violations = []
         for name, router in routers.items():
             load = loads[name]
@@ -175,7 +182,7 @@ class DeepSeekV3Module(L.LightningModule):
             violation = torch.where(load.sum() > 0, load.max() / load.mean() - 1, 0.0)
             violations.append(violation)
             self.log(f"balance/max_violation/{name.removesuffix('.ffn.router')}", violation, batch_size=1)
-            router.update_bias(load)
+            router.update_bias(load, keep)
         if violations:
             self.log("balance/max_violation", torch.stack(violations).max(), batch_size=1)
 
@@ -258,6 +265,13 @@ def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
         if param.requires_grad:
             (decay if param.dim() >= 2 and "norm" not in name else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def sum_over_ranks(strategy: Any, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`loads` summed over every rank with the strategy's own reduce, in one collective."""
+    names = list(loads)
+    flat = strategy.reduce(torch.cat([loads[n].reshape(-1) for n in names]), reduce_op="sum")
+    return dict(zip(names, flat.split([loads[n].numel() for n in names])))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

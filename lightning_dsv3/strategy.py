@@ -88,8 +88,10 @@ class DSV3Strategy(ParallelStrategy):
             (a `faults.CollectiveError` naming the operation, the group and its ranks).
         nonfinite: what an optimizer step with a non-finite loss or reduced gradient does: "skip" it
             on every rank (counted as `nonfinite/skipped_steps`), "raise" at once, or "off" (no
-            check; it costs one small all-reduce and a host sync per step). max_consecutive_nonfinite:
-            under "skip", stop after this many non-finite steps in a row. See `lightning_dsv3.faults`.
+            check; it costs one small all-reduce per step, and a host sync unless the optimizer is
+            fused, as `DeepSeekV3Module` makes it on GPUs: then the device skips the step and the host
+            counts, warns or stops one step later). max_consecutive_nonfinite: under "skip", stop after
+            this many non-finite steps in a row. See `lightning_dsv3.faults`.
     """
 
     strategy_name = "dsv3"
@@ -463,7 +465,8 @@ class DSV3Strategy(ParallelStrategy):
         """Reduce gradients right after the step's last backward, then clip and step; ZeRO gathers after.
 
         A step whose loss or reduced gradients are not finite is skipped on every rank (see `nonfinite`):
-        its gradients are dropped before clipping, so the optimizer leaves every parameter as it was.
+        its gradients are dropped before clipping, so the optimizer leaves every parameter as it was; a
+        fused optimizer skips it from a device flag instead, without the host waiting for the check.
         """
         mesh = self._require_mesh()
 
@@ -476,9 +479,12 @@ class DSV3Strategy(ParallelStrategy):
                 with collective("gradient reduction", mesh.group("dp_ep"), "dp_ep (dense) and dp (experts)"):
                     self.reducer.reduce_gradients()
                 step = self.lightning_module.trainer.global_step
-                checked = self.nonfinite.enabled  # "off": not even the list of gradients is built
-                if checked and self.nonfinite.check(faults.reduced_gradients(self.reducer), step):
-                    faults.drop_gradients(self.model, self.reducer)
+                if self.nonfinite.enabled:  # "off": not even the list of gradients is built
+                    grads = faults.reduced_gradients(self.reducer)
+                    if self.nonfinite.decides_on_device(optimizer):  # no host wait: found_inf
+                        self.nonfinite.check_on_device(grads, step, optimizer)
+                    elif self.nonfinite.check(grads, step):
+                        faults.drop_gradients(self.model, self.reducer)
             return result
 
         out = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
@@ -648,6 +654,11 @@ class DSV3Strategy(ParallelStrategy):
 
     def tensor_init_context(self, empty_init: bool | None = None) -> Any:
         return nullcontext()
+
+    def on_train_end(self) -> None:
+        """The last step's non-finite verdict, if the device decided it, is read before fit returns."""
+        self.nonfinite.settle()
+        super().on_train_end()
 
     def teardown(self) -> None:
         assert self.cluster_environment is not None

@@ -136,6 +136,95 @@ def expert_parallel_run(dirpath: str) -> dict[str, Any]:
     return {"rows": csv_metrics(logger), "experts": cbs["experts"].last}
 
 
+class _LocalLoads(L.Callback):
+    """This rank's own counts per layer before each optimizer step (listed before the monitor, so both
+    read before the module consumes them)."""
+
+    def __init__(self) -> None:
+        self.loads: list[dict[str, list[float]]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        routers = {name: r for chunk in pl_module.chunks() for name, r in chunk.routers()}
+        self.loads.append({n.removesuffix(".ffn.router"): r.expert_load.tolist() for n, r in routers.items()})
+
+
+def ddp_expert_load_run(dirpath: str) -> dict[str, Any]:
+    """On every pool rank: Lightning's DDP, each rank its own half of the batches (DistributedSampler),
+    the expert-load monitor every step; this rank's own counts, what the monitor holds and logged."""
+    import torch.distributed as dist
+
+    root = Path(dirpath)
+    logger = CSVLogger(root)
+    spy, monitor = _LocalLoads(), ExpertLoadMonitor(every_n_steps=1, dirpath=root / "experts")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=dist.get_world_size(), strategy="ddp", max_steps=2, logger=logger,
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[spy, monitor], limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    rows = list(torch.randint(0, 256, (16, SEQ + 1), generator=torch.Generator().manual_seed(0)))
+    module = DeepSeekV3Module(preset="debug", model_overrides=OVERRIDES)
+    trainer.fit(module, DataLoader(rows, batch_size=4))
+    return {
+        "biases": {name: r.e_score_correction_bias.tolist() for name, r in module.model.routers()},
+        "local": spy.loads[-1],
+        "last": monitor.last,
+        "rows": csv_metrics(logger) if dist.get_rank() == 0 else [],
+    }
+
+
+class _CountAllReduce(L.Callback):
+    """torch.distributed.all_reduce calls per training batch, the monitor's end-of-batch work included
+    (listed after it)."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+        self.calls = 0
+        self._start = 0
+
+    def counted(self, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = self.calls
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.per_step.append(self.calls - self._start)
+
+
+def dsv3_all_reduce_count_run(dirpath: str, layout: dict[str, Any]) -> dict[str, Any]:
+    """On every pool rank: two fits of three steps under DSV3Strategy(**layout), with the expert-load
+    monitor every step and without it; all_reduce calls per step of each, and the monitor's loads."""
+    import torch.distributed as dist
+
+    from lightning_dsv3.strategy import DSV3Strategy
+
+    root, real = Path(dirpath), dist.all_reduce
+    out: dict[str, Any] = {}
+    for name in ("with", "without"):
+        counter = _CountAllReduce()
+        monitor = (
+            {"experts": ExpertLoadMonitor(every_n_steps=1, dirpath=root / name)} if name == "with" else {}
+        )
+
+        dist.all_reduce = counter.counted(real)
+        try:
+            strategy = DSV3Strategy(**layout)
+            fit(
+                root / name, CSVLogger(root / name), steps=3, every_n_steps=1, strategy=strategy,
+                devices=dist.get_world_size(), extra={**monitor, "count": counter},
+            )  # fmt: skip
+        finally:
+            dist.all_reduce = real
+        out[name] = counter.per_step
+        if monitor:
+            out["last"] = monitor["experts"].last
+    return out
+
+
 # ---- reading an offline W&B run --------------------------------------------------------------------
 def wandb_run_dir(root: Path) -> Path:
     (run,) = (root / "wandb").glob("offline-run-*")

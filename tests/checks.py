@@ -23,6 +23,8 @@ STEPS, GLOBAL_BATCH = 3, 8
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
     "adamw": (torch.optim.AdamW, {"lr": 1e-4, "betas": (0.9, 0.95)}),
+    # fused (as DeepSeekV3Module makes it on GPUs): the non-finite check decides on the device
+    "adamw-fused": (torch.optim.AdamW, {"lr": 1e-4, "betas": (0.9, 0.95), "fused": True}),
 }
 # 8 layers, so that pp=4 with two chunks per rank (DualPipeV, interleaved 1F1B) has a layer per stage
 OVERRIDES: dict[str, Any] = {

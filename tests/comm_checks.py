@@ -135,6 +135,48 @@ def hierarchical_check(codec_name: str | None, ranks_per_node: int = 2) -> dict[
     }
 
 
+def hierarchical_failure_check(ranks_per_node: int = 2) -> list[str]:
+    """The k-th all_to_all_single of a two-hop dispatch, combine and their backward raises on every rank
+    (so no peer waits), for each k in turn: what each failure surfaced as, in call order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = build_mesh(ParallelConfig(ep=world), world, "cpu")
+    nodes = build_node_groups(mesh, ranks_per_node)
+    n_local, dim, top_k, n_tokens = 2, 16, 2, 8
+    r = _routed(rank, n_tokens, n_experts=n_local * world, top_k=top_k, dim=dim, dtype=torch.float32)
+    telemetry = CommTelemetry(CPU)
+    inter, intra = Link(nodes.inter, "ep_inter", telemetry), Link(nodes.intra, "ep_intra", telemetry)
+    dispatcher = HierarchicalDispatcher(inter, intra, nodes.n_nodes, ranks_per_node, n_local)
+    real = dist.all_to_all_single
+    calls = {"n": 0, "fail_at": -1}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] - 1 == calls["fail_at"]:
+            raise RuntimeError("[gloo] Timed out waiting 6000ms for recv operation to complete")
+        return real(*args, **kwargs)
+
+    def step() -> None:
+        x = r["x"].clone().requires_grad_()
+        received, _, ctx = dispatcher.dispatch(x[r["token_ids"]], r["counts"], token_ids=r["token_ids"])
+        dispatcher.combine(received * 2, ctx).sum().backward()
+
+    errors: list[str] = []
+    dist.all_to_all_single = flaky
+    try:
+        step()  # count the calls
+        n_calls = calls["n"]
+        for k in range(n_calls):
+            calls.update(n=0, fail_at=k)
+            try:
+                step()
+                errors.append("no error")
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
+    finally:
+        dist.all_to_all_single = real
+    return errors
+
+
 class _Spy(L.Callback):
     """The bytes handed to each collective during the last training batch, per process group."""
 

@@ -79,8 +79,8 @@ def recipe_losses(args: list[str], log_dir: str) -> dict[int, float] | None:
 class _Poisoned(_Module):
     """Makes rank 0's loss (a NaN head output) or one parameter's gradient non-finite at chosen steps."""
 
-    def __init__(self, steps: tuple[int, ...], what: str) -> None:
-        super().__init__("sgd")
+    def __init__(self, steps: tuple[int, ...], what: str, optim: str = "sgd") -> None:
+        super().__init__(optim)
         self.poison_steps, self.what = steps, what
         self._hook: Any = None
 
@@ -132,13 +132,18 @@ def _fit(
 
 
 def nonfinite_run(
-    layout: dict[str, Any], poison_steps: tuple[int, ...], what: str, steps: int, policy: dict[str, Any]
+    layout: dict[str, Any],
+    poison_steps: tuple[int, ...],
+    what: str,
+    steps: int,
+    policy: dict[str, Any],
+    optim: str = "sgd",
 ) -> dict[str, Any]:
     """Train `steps` steps with a poisoned module under DSV3Strategy(**layout, **policy); returns the
     losses, the state after each step and the skip counters."""
     strategy = DSV3Strategy(**layout, **policy)
     capture, states = Capture(), _States()
-    trainer = _fit(strategy, _Poisoned(poison_steps, what), steps, [capture, states])
+    trainer = _fit(strategy, _Poisoned(poison_steps, what, optim), steps, [capture, states])
     return {
         "losses": capture.losses,
         "states": states.states,

@@ -105,12 +105,15 @@ def test_debug_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_compile_takes_a_mode_and_reaches_the_cross_entropy() -> None:
+    """Also the layers' parts, which a pipeline calls one by one instead of the layer's forward."""
     with pytest.raises(ValueError, match="reduce-overhead"):
         DeepSeekV3Module(compile="fast")
     plain = DeepSeekV3Module().build_chunk()
     chunk = DeepSeekV3Module(compile="reduce-overhead").build_chunk()  # compiled lazily: nothing traced yet
     assert chunk.cross_entropy is not plain.cross_entropy
     assert all(block._compiled_call_impl is not None for block in chunk.all_blocks())
+    assert all(hasattr(b.attention, "_torchdynamo_orig_callable") for b in chunk.all_blocks())
+    assert all(hasattr(b.mlp, "_torchdynamo_orig_callable") for b in chunk.all_blocks())
     tokens = torch.randint(0, chunk.config.vocab_size, (2, 9))
     logits = torch.randn(2, 8, chunk.config.vocab_size)
     torch.testing.assert_close(
@@ -125,3 +128,23 @@ def test_losses_go_to_the_progress_bar_only_where_one_shows_them(tmp_path: Path,
     trainer.fit(DeepSeekV3Module(), _data())
     assert ("train_loss" in trainer.progress_bar_metrics) is bar
     assert "train_loss" in trainer.logged_metrics
+
+
+def test_compiled_parts_compute_what_the_eager_parts_do() -> None:
+    """The pipeline's way through a layer (attention, dispatch, mlp, combine) with the parts compiled:
+    the same hidden states and gradients as eager, to fp32 reordering."""
+    eager = DeepSeekV3Module().build_chunk()
+    compiled = DeepSeekV3Module(compile=True).build_chunk()
+    tokens = torch.randint(0, eager.config.vocab_size, (2, 17))
+    outs = []
+    for chunk in (eager, compiled):
+        h = chunk.embed_tokens(tokens[:, :-1])
+        cos, sin = chunk.rope(16)
+        for block in chunk.blocks():
+            h = block.combine(block.mlp(block.dispatch(block.attention(h, cos, sin))))
+        h.square().mean().backward()
+        outs.append((h.detach(), {n: p.grad for n, p in chunk.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    assert outs[1][1].keys() == outs[0][1].keys()
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -62,6 +62,9 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
         # tokens routed to each expert since the last bias update (summed over ranks by the strategy)
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+        # the counts the last bias update moved against (global where the strategy reduced them), for
+        # monitors that read them after the update; None until then
+        self.last_load: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (T, dim) -> Routing for T tokens."""
@@ -118,10 +121,15 @@ class Router(nn.Module):
         return self.alpha * (f * probs).sum(-1).mean()
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor | None = None) -> None:
-        """Apply the aux-loss-free update from `load` (default: this rank's counts) and reset the counts."""
-        load = self.expert_load if load is None else load
-        self.e_score_correction_bias += self.gamma * torch.sign(load.mean() - load)
+    def update_bias(self, load: torch.Tensor | None = None, weight: torch.Tensor | float = 1.0) -> None:
+        """Apply the aux-loss-free update from `load` (default: this rank's counts) and reset the counts;
+        `last_load` keeps `load`.
+
+        weight: scales the update; a 0-dim tensor of 0 skips it on the device, without the host deciding.
+        """
+        load = self.expert_load.clone() if load is None else load
+        self.e_score_correction_bias += self.gamma * torch.sign(load.mean() - load) * weight
+        self.last_load = load
         self.expert_load.zero_()
 
 

@@ -91,16 +91,24 @@ class Transformer(nn.Module):
         return self.head(self.norm(h))
 
     def compile_parts(self, mode: str | None = None) -> None:
-        """torch.compile each decoder layer and the loss's cross-entropy, in place.
+        """torch.compile each decoder layer, its compute parts, and the loss's cross-entropy, in place.
 
-        Layer by layer rather than the whole chunk: a pipeline runs a layer's parts one at a time, and
-        the layers compile to one graph that every layer of a stage reuses. The cross-entropy runs in
-        fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the logits and its softmax
-        (four passes over 2 GiB at the mini preset's 16K tokens), compiled it reads the bf16 logits and
-        writes their gradient. `mode` is torch.compile's ("reduce-overhead" replays CUDA graphs).
+        Layer by layer rather than the whole chunk: the layers compile to one graph that every layer
+        of a stage reuses. A pipeline does not call a layer's `forward` but its parts one at a time
+        (`attention`, `dispatch`, `mlp`, `combine`), so `attention` and `mlp`, the parts that compute,
+        are compiled too; `dispatch` and `combine` hold the expert all-to-all and stay eager. The parts
+        take torch.compile's default mode whatever `mode` is: a pipeline keeps several micro-batches'
+        outputs of one part alive, which CUDA graphs' static output buffers would overwrite.
+        The cross-entropy runs in fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the
+        logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it
+        reads the bf16 logits and writes their gradient. `mode` is torch.compile's ("reduce-overhead"
+        replays CUDA graphs).
         """
+        parts_mode = None if mode in ("reduce-overhead", "max-autotune") else mode
         for block in self.all_blocks():
             block.compile(mode=mode)
+            block.attention = torch.compile(block.attention, mode=parts_mode)  # type: ignore[method-assign]
+            block.mlp = torch.compile(block.mlp, mode=parts_mode)  # type: ignore[method-assign]
         self.cross_entropy = torch.compile(_cross_entropy, mode=mode)
 
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:

@@ -1,15 +1,18 @@
 """The callbacks under DSV3Strategy on two gloo ranks: pp=2 (DualPipeV) logging to W&B offline, and
-ep=2 logging to CSV."""
+ep=2 logging to CSV; the expert-load monitor under Lightning's DDP and its collectives under dp=2."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from callback_checks import (
     OVERRIDES,
     PEAK_FLOPS,
     SEQ,
+    ddp_expert_load_run,
+    dsv3_all_reduce_count_run,
     expert_parallel_run,
     pipeline_run,
     wandb_history,
@@ -77,3 +80,36 @@ def test_expert_parallel_communication_and_global_loads(pool2, tmp_path: Path) -
     config = get_preset("debug", **OVERRIDES)
     assert sum(rank0["experts"]["layers.1"]["load"]) == 2 * 8 * SEQ * config.n_activated_experts
     assert {"train/items_per_sec", "train/device/items_per_sec"} <= keys  # two data-parallel replicas
+
+
+def test_expert_loads_under_lightning_ddp_are_summed_over_ranks(pool2, tmp_path: Path) -> None:
+    """Lightning's DDP has no reduce_expert_loads: the module sums the ranks' counts for the bias update
+    (so the replicas' biases stay identical) and the monitor reports those, so the heatmap's loads and
+    the logged violation are the global batch's, not rank 0's share."""
+    results = pool2.run(ddp_expert_load_run, str(tmp_path))
+    assert results[0]["biases"] == results[1]["biases"]
+    assert any(any(b != 0 for b in bias) for bias in results[0]["biases"].values())  # they moved
+    local = [r["local"] for r in results]
+    assert local[0] != local[1]  # each rank routed its own tokens
+    last = results[0]["last"]
+    assert list(last) == list(local[0])
+    for layer, v in last.items():
+        total = torch.tensor(local[0][layer]) + torch.tensor(local[1][layer])
+        assert v["load"] == total.tolist(), layer
+    logged = [r for r in results[0]["rows"] if r.get("experts/max_violation/layers.1")][-1]
+    total = torch.tensor(last["layers.1"]["load"])
+    assert float(logged["experts/max_violation/layers.1"]) == pytest.approx(
+        float(total.max() / total.mean() - 1)
+    )
+    assert (tmp_path / "experts" / "experts_step000002.png").is_file()
+
+
+def test_expert_load_monitor_adds_no_all_reduce_under_dsv3(pool2, tmp_path: Path) -> None:
+    """dp=2: the module already sums the counts for the bias update and the monitor reads those, so a
+    step it reports issues as many all_reduce calls as one without it; the loads are still global."""
+    results = pool2.run(dsv3_all_reduce_count_run, str(tmp_path), {"dp": 2})
+    for r in results:
+        assert r["with"] == r["without"] and len(r["with"]) == 3
+    config = get_preset("debug", **OVERRIDES)
+    for layer, seq in (("layers.1", SEQ), ("mtp.0.block", SEQ - 1)):  # two data slices of 8 sequences
+        assert sum(results[0]["last"][layer]["load"]) == 2 * 8 * seq * config.n_activated_experts

@@ -14,6 +14,7 @@ from comm_checks import (
     comm_run,
     empty_rank_check,
     hierarchical_check,
+    hierarchical_failure_check,
     probe_run,
     reducer_codec_check,
     topk_feedback_check,
@@ -102,6 +103,28 @@ def test_hierarchical_dispatch_equals_flat(pool4, codec: str | None) -> None:
     # the gradients go back over the rail once per pair too (each rank returns what it received)
     back = sum(r["stats"]["hierarchical"]["comm/ep_inter.dispatch_backward/bytes_sent"] for r in results)
     assert back == sum(r["pairs"] * r["dim"] * 4 for r in results)
+
+
+def test_a_failing_hop_names_its_operation_group_and_ranks(pool4) -> None:
+    """ep=4 on two virtual nodes of two ranks: each all_to_all of both hops, forward and backward, fails
+    in turn (torch.distributed raising, as gloo does on a timeout) and surfaces as a CollectiveError
+    naming the two-hop operation, the rail or node group and the group's global ranks."""
+    calls = [
+        ("dispatch_counts", "ep_inter"), ("dispatch_meta", "ep_inter"), ("dispatch_counts", "ep_intra"),
+        ("dispatch", "ep_inter"), ("dispatch", "ep_intra"), ("combine", "ep_intra"), ("combine", "ep_inter"),
+        ("combine_backward", "ep_inter"), ("combine_backward", "ep_intra"),
+        ("dispatch_backward", "ep_intra"), ("dispatch_backward", "ep_inter"),
+    ]  # fmt: skip
+    for rank, errors in enumerate(pool4.run(hierarchical_failure_check, 2)):
+        node, local = divmod(rank, 2)
+        ranks = {"ep_inter": [local, 2 + local], "ep_intra": [2 * node, 2 * node + 1]}
+        assert len(errors) == len(calls)
+        for error, (op, group) in zip(errors, calls):
+            assert error.startswith(
+                f"CollectiveError: expert two-hop {op} all_to_all over the {group} group "
+                f"(global ranks {ranks[group]}) failed after"
+            ), error
+            assert "Timed out waiting" in error  # torch's own message is kept
 
 
 def test_hierarchical_training_equals_flat_with_node_limited_routing(pool4) -> None:

@@ -22,9 +22,14 @@ from fault_checks import (
 
 from lightning_dsv3.parallel.expert import is_expert_param
 
+# sgd: the host reads the check back and drops the gradients; adamw-fused: the device's flag skips the
+# fused step (found_inf) and the host reads it one step later
+OPTIMS = ["sgd", "adamw-fused"]
 
-def test_a_nonfinite_loss_skips_the_step_on_every_rank(pool2) -> None:
-    results = pool2.run(nonfinite_run, {"ep": 2}, (1,), "loss", 4, {})
+
+@pytest.mark.parametrize("optim", OPTIMS)
+def test_a_nonfinite_loss_skips_the_step_on_every_rank(pool2, optim) -> None:
+    results = pool2.run(nonfinite_run, {"ep": 2}, (1,), "loss", 4, {}, optim)
     for r in results:
         assert r["skipped"] == 1 and r["logged_skipped"] == 1.0
         assert math.isnan(r["losses"][1]) and all(
@@ -41,12 +46,15 @@ def test_a_nonfinite_loss_skips_the_step_on_every_rank(pool2) -> None:
             assert torch.equal(value, results[1]["states"][-1][name]), name
 
 
-def test_consecutive_nonfinite_gradients_stop_with_the_step_and_layer(pool2) -> None:
-    """pp=2: the poisoned parameter lives on one pipeline rank; both stop with its name."""
+@pytest.mark.parametrize("optim", OPTIMS)
+@pytest.mark.parametrize("steps", [4, 3], ids=["mid-run", "last-step"])
+def test_consecutive_nonfinite_gradients_stop_with_the_step_and_layer(pool2, optim, steps) -> None:
+    """pp=2: the poisoned parameter lives on one pipeline rank; both stop with its name (also when the
+    streak ends on the last step, whose device verdict is read as training ends)."""
     layout = {"pp": 2, "schedule": "1f1b", "n_microbatches": 2}
     with pytest.raises(AssertionError) as info:
         policy = {"max_consecutive_nonfinite": 2}
-        pool2.run(nonfinite_run, layout, (1, 2), "layers.2.attn.wq_b.weight", 4, policy)
+        pool2.run(nonfinite_run, layout, (1, 2), "layers.2.attn.wq_b.weight", steps, policy, optim)
     message = str(info.value)
     stop = (
         "NonFiniteError: non-finite gradient of model.layers.2.attn.wq_b.weight (layer 2) at optimizer step 2"
@@ -55,9 +63,10 @@ def test_consecutive_nonfinite_gradients_stop_with_the_step_and_layer(pool2) -> 
     assert "2 step(s) in a row" in message and "the streak began at step 1" in message
 
 
-def test_raise_policy_stops_at_the_first_nonfinite_loss(pool2) -> None:
+@pytest.mark.parametrize("optim", OPTIMS)
+def test_raise_policy_stops_at_the_first_nonfinite_loss(pool2, optim) -> None:
     with pytest.raises(AssertionError, match=r"NonFiniteError: non-finite loss and gradient of model\.embed"):
-        pool2.run(nonfinite_run, {"dp": 2}, (0,), "loss", 2, {"nonfinite": "raise"})
+        pool2.run(nonfinite_run, {"dp": 2}, (0,), "loss", 2, {"nonfinite": "raise"}, optim)
 
 
 def test_the_strategy_timeout_reaches_every_mesh_group(pool4) -> None:
