@@ -281,6 +281,14 @@ class ParallelConfig:
     bucket_bytes: int | None = None  # gradient bucket cap (None: from the network probe, else no cap)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per step: `n_microbatches` as given, else 1 without a pipeline and 2 * pp with
+        one (the strategy, the planner and the recipes all read it here)."""
+        if self.n_microbatches:
+            return self.n_microbatches
+        return 1 if self.pp == 1 else 2 * self.pp
+
     def __post_init__(self) -> None:
         for name in ("pp", "ep"):
             if getattr(self, name) < 1:

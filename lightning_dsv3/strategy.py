@@ -354,9 +354,7 @@ class DSV3Strategy(ParallelStrategy):
     # ---- the step ------------------------------------------------------------------------------
     def n_microbatches(self) -> int:
         """Micro-batches per step: as given, else 1 without a pipeline and 2 * pp with one."""
-        if self.parallel_config.n_microbatches:
-            return self.parallel_config.n_microbatches
-        return 1 if self.parallel_config.pp == 1 else 2 * self.parallel_config.pp
+        return self.parallel_config.microbatches
 
     def split_microbatches(self, batch: Tensor) -> list[Tensor]:
         m = self.n_microbatches()

@@ -25,7 +25,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_dsv3.config import get_preset
+from lightning_dsv3.config import ParallelConfig, get_preset
 from lightning_dsv3.data import DSV3DataModule
 from lightning_dsv3.module import DeepSeekV3Module
 from lightning_dsv3.plan import (
@@ -99,7 +99,7 @@ def plan_of(config: Namespace) -> ClusterPlan:
     model = get_preset(config.model.preset, **(config.model.model_overrides or {}))
     layout = strategy_layout(trainer.strategy)
     pp, ep = layout.get("pp", 1), layout.get("ep", 1)
-    n_micro = layout.get("n_microbatches") or (1 if pp == 1 else 2 * pp)  # DSV3Strategy's default
+    n_micro = ParallelConfig(pp=pp, n_microbatches=layout.get("n_microbatches")).microbatches
     if data.batch_size % n_micro:
         raise ValueError(
             f"data.batch_size={data.batch_size} does not split into n_microbatches={n_micro}; "

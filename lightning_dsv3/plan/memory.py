@@ -109,20 +109,11 @@ def chunk_params(config: ModelConfig, spec: ChunkSpec, ep: int = 1) -> ChunkPara
     return ChunkParams(dense, experts // ep, cached, no_decay)
 
 
-def default_microbatches(parallel: ParallelConfig) -> int:
-    """The strategy's default: as given, else 1 without a pipeline and 2 * pp with one."""
-    if parallel.n_microbatches:
-        return parallel.n_microbatches
-    return 1 if parallel.pp == 1 else 2 * parallel.pp
-
-
 def stage_plan(config: ModelConfig, parallel: ParallelConfig) -> StagePlan | None:
     """The stages the strategy would build (None without a pipeline)."""
     if parallel.pp == 1:
         return None
-    return _stage_plan(
-        dataclasses.astuple(config), parallel.schedule, parallel.pp, default_microbatches(parallel)
-    )
+    return _stage_plan(dataclasses.astuple(config), parallel.schedule, parallel.pp, parallel.microbatches)
 
 
 @lru_cache(maxsize=64)
@@ -249,7 +240,7 @@ def memory_plan(
     kernels = kernels or Kernels.for_device(device, precision, config)
     pb = PrecisionBytes.of(precision, parallel.zero)
     plan = stage_plan(config, parallel)
-    n_micro = default_microbatches(parallel)
+    n_micro = parallel.microbatches
     ranks = []
     for pp_rank in range(parallel.pp):
         specs = chunks_of(config, plan, pp_rank)

@@ -9,7 +9,7 @@ from lightning_dsv3.config import ModelConfig, ParallelConfig
 from lightning_dsv3.pipeline.schedules import make_schedule
 from lightning_dsv3.pipeline.simulate import Costs, simulate
 from lightning_dsv3.plan.cluster import CHEAPEST_FIRST
-from lightning_dsv3.plan.memory import GIB, default_microbatches, memory_plan
+from lightning_dsv3.plan.memory import GIB, memory_plan
 from lightning_dsv3.plan.timing import OVERLAPPED
 
 
@@ -138,7 +138,7 @@ def _fit_advice(
 
 def _bubble_advice(parallel: ParallelConfig, measured_bubble: float | None) -> list[str]:
     """More micro-batches, or a schedule with a smaller bubble, when the bubble exceeds 10% of the step."""
-    n = default_microbatches(parallel)
+    n = parallel.microbatches
     bubble = measured_bubble if measured_bubble is not None else _bubble(parallel.schedule, parallel.pp, n)
     if bubble <= 0.1:
         return []

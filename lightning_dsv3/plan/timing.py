@@ -15,7 +15,6 @@ from lightning_dsv3.plan.memory import (
     RankMemory,
     chunk_params,
     chunks_of,
-    default_microbatches,
     memory_plan,
     stage_plan,
 )
@@ -146,7 +145,7 @@ def comm_plan(
         raise ValueError("comm_plan needs parallel.dp; call parallel.resolve(world_size) first")
     pb = PrecisionBytes.of(precision, parallel.zero)
     plan = stage_plan(config, parallel)
-    n_micro = default_microbatches(parallel)
+    n_micro = parallel.microbatches
     tokens = micro_batch_size * seq_len
     dispatch_payload = 1 + 4 / 128 if (precision == "fp8" or parallel.dispatch_codec) else pb.compute
     exchange = expert_exchange(config, parallel, tokens, dispatch_payload, gpus_per_node)
@@ -271,7 +270,7 @@ def step_time(
     eff = efficiency or Efficiency()
     option = config.activation_checkpointing if checkpointing is None else checkpointing
     plan = stage_plan(config, parallel)
-    n_micro = default_microbatches(parallel)
+    n_micro = parallel.microbatches
     tokens = micro_batch_size * seq_len
     gemm_peak = (gpu.fp8_tflops if precision == "fp8" else gpu.bf16_tflops) * 1e12 * eff.gemm
     attn_peak = gpu.bf16_tflops * 1e12 * eff.attention
