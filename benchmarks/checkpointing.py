@@ -25,6 +25,7 @@ import torch
 from benchmarks.results_io import markdown_table, write_result
 from lightning_dsv3.config import CHECKPOINTING, get_preset
 from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.plan.measure import saved_storages
 
 MIB = 2**20
 
@@ -45,19 +46,11 @@ def step_ms(step: Callable[[], None], cuda: bool) -> float:
 
 def saved_bytes(model: Transformer, tokens: torch.Tensor, cuda: bool) -> int:
     """Bytes of the distinct storages autograd keeps for backward in one forward (parameters excluded)."""
-    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage()._cdata not in excluded:
-            storages[t.untyped_storage()._cdata] = t.untyped_storage()
-        return t
-
-    with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model.training_loss(tokens).loss
+    with torch.autocast("cuda", torch.bfloat16, enabled=cuda), saved_storages(model) as saved:
+        loss = model.training_loss(tokens).loss
+    nbytes = saved.nbytes
     del loss
-    return sum(s.nbytes() for s in storages.values())
+    return nbytes
 
 
 def measure(option: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:

@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.profile_step import ANNOTATIONS, SYNC_OPS
+from benchmarks.profile_step import SYNC_OPS, device_kernels
 from benchmarks.results_io import markdown_table, write_result
 from lightning_dsv3 import DSV3Strategy
 from lightning_dsv3.data import DSV3DataModule
@@ -52,6 +52,8 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self._marks: list[Any] = []  # CUDA events on GPUs, host clock readings on CPUs
         self._losses: list[torch.Tensor] = []
+        self.step_s: list[float] = []  # read once training ends
+        self.losses: list[float] = []
 
     def _mark(self) -> None:
         if torch.cuda.is_available():
@@ -69,17 +71,12 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self._mark()
-
-    @property
-    def step_s(self) -> list[float]:
         if torch.cuda.is_available():
             self._marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self._marks, self._marks[1:])]
-        return [b - a for a, b in zip(self._marks, self._marks[1:])]
-
-    @property
-    def losses(self) -> list[float]:
-        return [float(loss) for loss in self._losses]
+            self.step_s = [a.elapsed_time(b) / 1e3 for a, b in zip(self._marks, self._marks[1:])]
+        else:
+            self.step_s = [b - a for a, b in zip(self._marks, self._marks[1:])]
+        self.losses = torch.stack(self._losses).float().tolist() if self._losses else []
 
 
 class StepProfiler(L.Callback):
@@ -109,10 +106,7 @@ class StepProfiler(L.Callback):
             self._prof.export_chrome_trace(self.trace)
         events = self._prof.key_averages()
         syncs = {e.key: e.count // self.n for e in events if e.key in SYNC_OPS and e.count}
-        kernels = [  # device kernels; annotations (the optimizer's step spans the whole closure) left out
-            e for e in events
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in ANNOTATIONS
-        ]  # fmt: skip
+        kernels = device_kernels(events)
         device_ms = sum(e.self_device_time_total for e in kernels) / self.n / 1e3
         host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
         host_rows = [

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.results_io import markdown_table, write_result
+from lightning_dsv3.plan.measure import expert_imbalance, saved_storages
 
 MIB = 2**20
 
@@ -50,36 +51,18 @@ GPU_CONFIGS = [
 CPU_CONFIGS = [Config("fp32 none", "32-true", "none", 2, 32), Config("fp32 layer", "32-true", "layer", 2, 32)]
 
 
-def _expert_imbalance(model: Any) -> dict[int, float]:
-    """Busiest / mean expert load per MoE layer since the routers' counts were last reset."""
-    out = {}
-    for name, router in model.routers():
-        layer = int(name.split(".")[1]) + (model.config.n_layers if name.startswith("mtp") else 0)
-        out[layer] = float(router.expert_load.max() / router.expert_load.mean())
-    return out
-
-
 def _saved_bytes(module: Any, batch: torch.Tensor, precision: str, device: torch.device) -> tuple[int, dict]:
     """Bytes of the distinct storages autograd saves in one forward of `batch` (parameters excluded),
     and the expert imbalance of that forward (it sizes the padded expert buffers)."""
     model = module.model
     for _, router in model.routers():
         router.expert_load.zero_()
-    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, Any] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s._cdata not in excluded:
-            storages[s._cdata] = s
-        return t
-
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with autocast, saved_storages(model) as saved:
         loss = model.training_loss(batch).loss
-    total = sum(s.nbytes() for s in storages.values())
+    total = saved.nbytes
     del loss
-    return total, _expert_imbalance(model)
+    return total, expert_imbalance(model)
 
 
 def run_one(config: Config, preset: str, steps: int) -> dict[str, Any]:
@@ -105,7 +88,7 @@ def run_one(config: Config, preset: str, steps: int) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(device)
 
         def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
-            loads.update(_expert_imbalance(pl_module.model))
+            loads.update(expert_imbalance(pl_module.model))
 
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
             if cuda:

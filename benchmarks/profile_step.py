@@ -30,6 +30,14 @@ SYNC_OPS = {
 }
 
 
+def device_kernels(events: list) -> list:
+    """The profiler's device kernels alone: an aten op's device time repeats the time of the kernels it
+    launched, and an annotation (the optimizer's step, which under Lightning spans the whole closure)
+    spans kernels already counted."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e for e in events if e.device_type == cuda and e.key not in ANNOTATIONS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,11 +96,8 @@ def main() -> None:
     syncs = sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS) // args.steps
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     averages = prof.key_averages()
-    if cuda:  # kernels only: an aten op's device time repeats the time of the kernels it launched
-        averages = [  # ... and the optimizer's annotation spans its kernels
-            e for e in averages
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in ANNOTATIONS
-        ]  # fmt: skip
+    if cuda:
+        averages = device_kernels(averages)
     events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
     total_us = sum(getattr(e, key) for e in events)
     rows = [

@@ -34,13 +34,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_dsv3.parallel.zero import GradientReducer
+if TYPE_CHECKING:  # parallel/ imports `collective` from here
+    from lightning_dsv3.parallel.zero import GradientReducer
 
 NonFinitePolicy = Literal["skip", "raise", "off"]
 POLICIES: tuple[str, ...] = ("skip", "raise", "off")

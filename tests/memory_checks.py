@@ -30,15 +30,6 @@ def model_overrides(**changes: Any) -> Iterator[None]:
         checks.OVERRIDES.update(saved)
 
 
-def expert_imbalance(model: Transformer) -> dict[int, float]:
-    """Busiest / mean expert load per MoE layer (MTP depth k is layer n_layers + k - 1), as counted so far."""
-    out = {}
-    for name, router in model.routers():
-        layer = int(name.split(".")[1]) + (model.config.n_layers if name.startswith("mtp") else 0)
-        out[layer] = float(router.expert_load.max() / router.expert_load.mean())
-    return out
-
-
 def strategy_run_with(changes: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
     """checks.strategy_run (SGD, STEPS steps of GLOBAL_BATCH) on a model config with `changes`."""
     with model_overrides(**changes):

@@ -1,11 +1,11 @@
 """The LightningModule with Lightning's own strategy: fit, validate, resume, balancing, the recipe."""
 
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from recipe_checks import load_train
 
 from lightning_dsv3.data import DSV3DataModule
 from lightning_dsv3.module import DeepSeekV3Module, lr_factor
@@ -80,11 +80,7 @@ def test_vocab_larger_than_the_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_debug_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(RECIPES))
-    try:
-        from train import main
-    finally:
-        sys.path.remove(str(RECIPES))
+    main = load_train().main
     monkeypatch.chdir(tmp_path)
     cli = main(
         [

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from checks import OVERRIDES, SEQ
-from memory_checks import allocation_run, expert_imbalance
+from memory_checks import allocation_run
 
 from lightning_dsv3.config import ParallelConfig, count_parameters, get_preset
 from lightning_dsv3.model import Transformer
@@ -36,6 +36,7 @@ from lightning_dsv3.plan import (
     stage_plan,
 )
 from lightning_dsv3.plan.__main__ import main
+from lightning_dsv3.plan.measure import expert_imbalance, saved_storages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,21 +102,12 @@ def _tape_bytes(config: Any, spec: ChunkSpec) -> tuple[int, dict[int, float]]:
     batch = 4
     chunk = Transformer(config, spec.layer_ids, spec.with_embedding, spec.with_head)
     chunk.init_weights(0)
-    excluded = {t.untyped_storage()._cdata for t in [*chunk.parameters(), *chunk.buffers()]}
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s._cdata not in excluded:
-            storages[s._cdata] = s
-        return t
-
     tokens = torch.randint(0, 256, (batch, SEQ + 1), generator=torch.Generator().manual_seed(0))
     hidden = torch.randn(
         batch, SEQ, config.dim, generator=torch.Generator().manual_seed(1), requires_grad=True
     )
     tape = Tape()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with saved_storages(chunk) as saved:
         steps = forward_parts(
             chunk, tape, hidden, tokens, False, spec.with_head, lambda c, h, t: c.loss(h, t), 1.0,
             Streams(torch.device("cpu")), Chain(),
@@ -124,8 +116,8 @@ def _tape_bytes(config: Any, spec: ChunkSpec) -> tuple[int, dict[int, float]]:
             pass
     for part in tape.parts:
         for t in [*part.inputs, *part.outputs]:
-            keep(t)
-    return sum(s.nbytes() for s in storages.values()), expert_imbalance(chunk)
+            saved.keep(t)
+    return saved.nbytes, expert_imbalance(chunk)
 
 
 @pytest.mark.parametrize("option", ["none", "selective", "layer"])

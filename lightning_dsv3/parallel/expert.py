@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dsv3.faults import collective
 from lightning_dsv3.model.moe import Dispatcher, MoE
 from lightning_dsv3.parallel.compression import BlockCodec
 from lightning_dsv3.parallel.telemetry import Link
@@ -94,8 +93,7 @@ def _send(
     op: str,
 ) -> torch.Tensor:
     payload = encode_rows(codec, x)
-    with collective(f"expert {op} all_to_all", link.group, link.name):
-        buf = link.all_to_all(payload, out_splits, in_splits, op, nbytes=payload_nbytes(x))
+    buf = link.all_to_all(payload, out_splits, in_splits, op, nbytes=payload_nbytes(x))
     return decode_rows(codec, buf, x.shape[1], x.dtype)
 
 
@@ -135,8 +133,7 @@ class AllToAllDispatcher:
 
         `token_ids` (which token each row copies) is not needed here: every (token, expert) row travels.
         """
-        with collective("expert dispatch_counts all_to_all", self.link.group, self.link.name):
-            recv_counts = self.link.all_to_all_equal(counts, "dispatch_counts")  # (source rank, local expert)
+        recv_counts = self.link.all_to_all_equal(counts, "dispatch_counts")  # (source rank, local expert)
         shape = (self.ep_size, self.n_local_experts)
         matrix = recv_counts.view(shape)
         send_splits = counts.view(shape).sum(1).tolist()  # host sync: split sizes

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.parallel.compression import BlockCodec
 from lightning_dsv3.parallel.expert import (
@@ -44,25 +43,6 @@ from lightning_dsv3.parallel.expert import (
 )
 from lightning_dsv3.parallel.mesh import ParallelMesh
 from lightning_dsv3.parallel.telemetry import Link
-
-
-@dataclass(frozen=True)
-class _Hop(Link):
-    """A `Link` whose exchanges report a failure as a `CollectiveError` naming the hop's group and ranks."""
-
-    @classmethod
-    def of(cls, link: Link) -> _Hop:
-        return link if isinstance(link, _Hop) else cls(link.group, link.name, link.telemetry)
-
-    def all_to_all(
-        self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], op: str, nbytes: int | None = None
-    ) -> torch.Tensor:
-        with collective(f"expert two-hop {op} all_to_all", self.group, self.name):
-            return super().all_to_all(x, out_splits, in_splits, op, nbytes)
-
-    def all_to_all_equal(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        with collective(f"expert two-hop {op} all_to_all", self.group, self.name):
-            return super().all_to_all_equal(x, op)
 
 
 @dataclass(frozen=True)
@@ -203,7 +183,7 @@ class HierarchicalDispatcher:
     policy: CodecPolicy | None = None
 
     def __post_init__(self) -> None:
-        self.links = (_Hop.of(self.inter), _Hop.of(self.intra))  # every exchange below goes through these
+        self.links = (self.inter, self.intra)
         self.per_node = self.ranks_per_node * self.n_local_experts  # experts per node
 
     def dispatch(

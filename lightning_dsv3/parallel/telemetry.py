@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_dsv3.faults import collective
+
 
 class BandwidthTable:
     """Measured algorithm bandwidth (GB/s) per (group name, collective) at a few payload sizes."""
@@ -200,6 +202,8 @@ class Link:
 
     Every collective of the strategy's data path goes through one of these methods. `nbytes` is the
     payload's uncompressed size when the tensor passed is an encoded form of it (default: its size).
+    The all-to-alls (the expert exchange, flat or in two hops) block, so a failure or timeout of one
+    surfaces as a `faults.CollectiveError` naming the operation, this link's group and its ranks.
     """
 
     group: dist.ProcessGroup | None
@@ -215,15 +219,17 @@ class Link:
     ) -> Tensor:
         """Rows of x (rows, ...) go out in `in_splits`; returns the (sum(out_splits), ...) rows received."""
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        with self.telemetry.span(self.name, op, "all_to_all", _or(nbytes, x), _size(x)):
-            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        with collective(f"expert {op} all_to_all", self.group, self.name):
+            with self.telemetry.span(self.name, op, "all_to_all", _or(nbytes, x), _size(x)):
+                dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         return out
 
     def all_to_all_equal(self, x: Tensor, op: str) -> Tensor:
         """all_to_all of x (size * n, ...) in equal slices: the counts exchanged before a payload."""
         out = torch.empty_like(x)
-        with self.telemetry.span(self.name, op, "all_to_all", _size(x), _size(x)):
-            dist.all_to_all_single(out, x.contiguous(), group=self.group)
+        with collective(f"expert {op} all_to_all", self.group, self.name):
+            with self.telemetry.span(self.name, op, "all_to_all", _size(x), _size(x)):
+                dist.all_to_all_single(out, x.contiguous(), group=self.group)
         return out
 
     def all_reduce(self, x: Tensor, op: str, nbytes: int | None = None, async_op: bool = False) -> Any:

@@ -63,6 +63,16 @@ TORCHRUN_SMALL_MODES = {
 }  # fmt: skip
 
 
+def _run(args: list[str], script: str, cwd: Path, results: Path, **env: str) -> str:
+    """Run a benchmark's command with its results going to `results`; the one result file's text."""
+    env = {**os.environ, "DSV3_RESULTS_DIR": str(results), "PYTHONPATH": str(ROOT), **env}
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = list(results.glob(f"{script}*.md"))
+    assert len(files) == 1
+    return files[0].read_text()
+
+
 def _table(text: str) -> list[list[str]]:
     """The rows of the result file's (last) markdown table, cells stripped."""
     lines = [line for line in text.splitlines() if line.startswith("| ")]
@@ -71,15 +81,7 @@ def _table(text: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("script", sorted(SMALL_MODES))
 def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
-    env = {**os.environ, "DSV3_RESULTS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{script}", *SMALL_MODES[script]],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    files = list(tmp_path.glob(f"{script}*.md"))
-    assert len(files) == 1
-    text = files[0].read_text()
+    text = _run([sys.executable, "-m", f"benchmarks.{script}", *SMALL_MODES[script]], script, ROOT, tmp_path)
     assert "- device:" in text and "- command:" in text and "| " in text
     if script == "end_to_end":  # the profiled steps' tables, one per variant
         assert text.count("profiled steps 1..3") == len(SMALL_MODES_VARIANTS)
@@ -90,16 +92,9 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", sorted(TORCHRUN_SMALL_MODES))
 def test_multi_process_benchmark_small_mode(script: str, tmp_path: Path) -> None:
-    env = {**os.environ, "DSV3_RESULTS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = subprocess.run(
-        [*launch, "-m", f"benchmarks.{script}", *TORCHRUN_SMALL_MODES[script]],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    files = list(tmp_path.glob(f"{script}*.md"))
-    assert len(files) == 1
-    text = files[0].read_text()
+    args = [*launch, "-m", f"benchmarks.{script}", *TORCHRUN_SMALL_MODES[script]]
+    text = _run(args, script, tmp_path, tmp_path, OMP_NUM_THREADS="1")
     assert "- command: `torchrun --nproc_per_node 2 -m benchmarks." in text
     rows = _table(text)
     if script == "pipeline_schedules":
@@ -117,3 +112,7 @@ def test_multi_process_benchmark_small_mode(script: str, tmp_path: Path) -> None
         assert optimizer["dsv3-zero1"] == pytest.approx(optimizer["dsv3"] / 2, rel=0.1)
     elif script == "end_to_end_multi":
         assert [r[0] for r in rows][:3] == ["ddp", "dsv3:dp=2", "dsv3:ep=2"] and len(rows) == 5
+    else:  # pipeline_host: dp=2 and DualPipe over 8 micro-batches, whose parts dispatch more ops
+        ops = {r[0]: int(r[6]) for r in rows}
+        assert list(ops) == ["dsv3:dp=2", "dsv3:pp=2,schedule=dualpipe,n_microbatches=8"]
+        assert ops["dsv3:pp=2,schedule=dualpipe,n_microbatches=8"] > ops["dsv3:dp=2"] > 0

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from callback_checks import offline_wandb, wandb_history, wandb_run_dir
 from lightning.pytorch.loggers import WandbLogger
+from recipe_checks import load_train
 
 from lightning_dsv3.callbacks import MemoryProfiler, Throughput
 
@@ -15,11 +15,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_debug_recipe_with_the_wandb_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(RECIPES))
-    try:
-        from train import main
-    finally:
-        sys.path.remove(str(RECIPES))
+    main = load_train().main
     monkeypatch.chdir(tmp_path)
     configs = RECIPES / "configs"
     args = [

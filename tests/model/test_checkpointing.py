@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from memory_checks import expert_imbalance
 
 from lightning_dsv3.config import CHECKPOINTING, ModelConfig, get_preset
 from lightning_dsv3.model import Transformer
 from lightning_dsv3.model.moe import LocalDispatcher
 from lightning_dsv3.pipeline.stages import ChunkSpec
 from lightning_dsv3.plan import Kernels, chunk_activation_bytes
+from lightning_dsv3.plan.measure import expert_imbalance, saved_storages
 
 BATCH, SEQ = 4, 16
 
@@ -92,20 +92,11 @@ def test_recomputation_never_repeats_the_exchange(option: str) -> None:
 
 def _saved_bytes(model: Transformer) -> tuple[int, dict[int, float]]:
     """Bytes autograd keeps after one training forward, and each MoE layer's busiest / mean expert load."""
-    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s._cdata not in excluded:
-            storages[s._cdata] = s
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(model) as saved:
         loss = model.training_loss(_tokens()).loss
-    saved = sum(s.nbytes() for s in storages.values())  # read now: selective has freed q, k, v already
+    nbytes = saved.nbytes  # read now: selective has freed q, k, v already
     loss.backward()
-    return saved, expert_imbalance(model)
+    return nbytes, expert_imbalance(model)
 
 
 @pytest.mark.parametrize("pad_v", [False, True], ids=["math-attention", "flash-attention"])

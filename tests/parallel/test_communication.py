@@ -108,7 +108,7 @@ def test_hierarchical_dispatch_equals_flat(pool4, codec: str | None) -> None:
 def test_a_failing_hop_names_its_operation_group_and_ranks(pool4) -> None:
     """ep=4 on two virtual nodes of two ranks: each all_to_all of both hops, forward and backward, fails
     in turn (torch.distributed raising, as gloo does on a timeout) and surfaces as a CollectiveError
-    naming the two-hop operation, the rail or node group and the group's global ranks."""
+    naming the operation, the rail or node group and the group's global ranks."""
     calls = [
         ("dispatch_counts", "ep_inter"), ("dispatch_meta", "ep_inter"), ("dispatch_counts", "ep_intra"),
         ("dispatch", "ep_inter"), ("dispatch", "ep_intra"), ("combine", "ep_intra"), ("combine", "ep_inter"),
@@ -121,7 +121,7 @@ def test_a_failing_hop_names_its_operation_group_and_ranks(pool4) -> None:
         assert len(errors) == len(calls)
         for error, (op, group) in zip(errors, calls):
             assert error.startswith(
-                f"CollectiveError: expert two-hop {op} all_to_all over the {group} group "
+                f"CollectiveError: expert {op} all_to_all over the {group} group "
                 f"(global ranks {ranks[group]}) failed after"
             ), error
             assert "Timed out waiting" in error  # torch's own message is kept
