@@ -5,12 +5,18 @@ each routed to a uniformly random expert of any rank, sorted by expert as the Mo
 Three ways to send them to the experts' ranks and back:
 - all_to_all_single: the rows in equal splits there and back, nothing else (the floor);
 - bf16: `AllToAllDispatcher.dispatch` + `combine` as the strategy runs them (count exchange, split
-  sizes read on the host, rows re-sorted by local expert);
+  sizes read on the host once, rows regrouped by local expert and back in one block transpose each);
 - fp8: the same with the dispatch payload packed by `Fp8BlockCodec` (the combine stays bf16).
 ms is one dispatch + combine (forward), the median over reps of the slowest rank; GB/s is the bytes
 this rank hands to the collectives (10^9 bytes/s) over that time.
 
+`--profile MIB` adds torch.profiler's view of a few bf16 dispatch + combine calls at MIB MiB: the host
+ops and device kernels that take the most time per call, and the share of the call the host spends
+outside any op (Python and waiting), to attribute the fixed cost; `--trace` keeps each rank's
+timeline (an NCCL kernel also runs while it waits for the slowest rank's host to launch its half).
+
     torchrun --nproc-per-node 8 -m benchmarks.dispatch                          # GPUs, NCCL, 1 MiB .. 1 GiB
+    torchrun --nproc-per-node 2 -m benchmarks.dispatch --max-mib 64 --min-mib 64 --profile 64
     torchrun --nproc-per-node 2 -m benchmarks.dispatch --max-mib 4 --dim 512    # CPU small mode, gloo
 """
 
@@ -21,14 +27,19 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.profile_step import SYNC_OPS, device_kernels
 from benchmarks.results_io import markdown_table, payload_sizes_mib, payload_sweep_parser, write_result
 from lightning_dsv3.parallel.compression import Fp8BlockCodec
 from lightning_dsv3.parallel.expert import AllToAllDispatcher
 from lightning_dsv3.parallel.telemetry import CommTelemetry, Link
+
+PROFILED_CALLS = 5
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -50,19 +61,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return float(ms)
 
 
-def bench_size(
-    mib: int, args: argparse.Namespace, link: Link, device: torch.device, dtype: torch.dtype
-) -> list[list[object]]:
-    """The three ways at a payload of `mib` MiB per rank: one table row each."""
+def routed_rows(
+    mib: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's `mib` MiB of dispatch rows (rows, dim), each routed to a uniformly random expert and
+    sorted by expert as the MoE layer sorts them, and the rows per expert (world * experts_per_rank,)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     n_experts = world * args.experts_per_rank
-    plain = AllToAllDispatcher(link, world, args.experts_per_rank)
-    fp8 = AllToAllDispatcher(link, world, args.experts_per_rank, codec=Fp8BlockCodec())
     n_rows = max(world, mib * 2**20 // (args.dim * dtype.itemsize)) // world * world
     gen = torch.Generator().manual_seed(rank)
     expert = torch.randint(0, n_experts, (n_rows,), generator=gen).sort().values.to(device)
     counts = torch.bincount(expert, minlength=n_experts)
     tokens = torch.randn(n_rows, args.dim, device=device).to(dtype)
+    return tokens, counts
+
+
+def dispatch_combine(dispatcher: AllToAllDispatcher, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+    received, _, ctx = dispatcher.dispatch(tokens, counts)
+    dispatcher.combine(received, ctx)
+
+
+def bench_size(
+    mib: int, args: argparse.Namespace, link: Link, device: torch.device, dtype: torch.dtype
+) -> list[list[object]]:
+    """The three ways at a payload of `mib` MiB per rank: one table row each."""
+    world = dist.get_world_size()
+    plain = AllToAllDispatcher(link, world, args.experts_per_rank)
+    fp8 = AllToAllDispatcher(link, world, args.experts_per_rank, codec=Fp8BlockCodec())
+    tokens, counts = routed_rows(mib, args, device, dtype)
     out = torch.empty_like(tokens)
     payload = tokens.numel() * tokens.element_size()
 
@@ -70,14 +96,10 @@ def bench_size(
         dist.all_to_all_single(out, tokens)
         dist.all_to_all_single(tokens, out)
 
-    def dispatch_combine(dispatcher: AllToAllDispatcher) -> None:
-        received, _, ctx = dispatcher.dispatch(tokens, counts)
-        dispatcher.combine(received, ctx)
-
     with torch.no_grad():
         base = time_ms(a2a, device, args.reps)
-        bf16 = time_ms(lambda: dispatch_combine(plain), device, args.reps)
-        packed = time_ms(lambda: dispatch_combine(fp8), device, args.reps)
+        bf16 = time_ms(lambda: dispatch_combine(plain, tokens, counts), device, args.reps)
+        packed = time_ms(lambda: dispatch_combine(fp8, tokens, counts), device, args.reps)
     modes = [
         ("all_to_all_single", base, 2 * payload),
         (str(dtype).removeprefix("torch."), bf16, 2 * payload),
@@ -89,9 +111,71 @@ def bench_size(
     ]
 
 
+def profile_size(
+    mib: int, args: argparse.Namespace, link: Link, device: torch.device, dtype: torch.dtype
+) -> str:
+    """torch.profiler over PROFILED_CALLS uncompressed dispatch + combine calls at `mib` MiB (every rank
+    runs them; rank 0's view is returned): per call, the host ops and the device kernels that take the
+    most time, and how much of the call the host spends outside any op (Python and waiting)."""
+    dispatcher = AllToAllDispatcher(link, dist.get_world_size(), args.experts_per_rank)
+    tokens, counts = routed_rows(mib, args, device, dtype)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad():
+        for _ in range(2):
+            dispatch_combine(dispatcher, tokens, counts)
+        dist.barrier()
+        if cuda:
+            torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(PROFILED_CALLS):
+                dispatch_combine(dispatcher, tokens, counts)
+            if cuda:
+                torch.cuda.synchronize(device)
+            call_us = (time.perf_counter() - start) / PROFILED_CALLS * 1e6
+    if args.trace:  # every rank's: a call waits on the slowest rank, whose host timeline explains it
+        path = Path(args.trace)
+        prof.export_chrome_trace(str(path.with_name(f"{path.stem}-rank{dist.get_rank()}{path.suffix}")))
+    averages = prof.key_averages()
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    in_ops_us = sum(e.self_cpu_time_total for e in host) / PROFILED_CALLS
+    syncs = sum(e.count for e in host if e.key in SYNC_OPS) / PROFILED_CALLS
+    name = str(dtype).removeprefix("torch.")
+    text = (
+        f"profile: {PROFILED_CALLS} {name} dispatch + combine calls at {mib} MiB, "
+        f"{call_us:.0f} us per call (profiled); host time inside ops {in_ops_us:.0f} us per call, the rest "
+        f"is Python and waiting; host syncs per call: {syncs:g}\n\n"
+        + _top_table("host op", host, "self_cpu_time_total", args.top)
+    )
+    if cuda:
+        kernels = sorted(device_kernels(averages), key=lambda e: e.self_device_time_total, reverse=True)
+        busy_us = sum(e.self_device_time_total for e in kernels) / PROFILED_CALLS
+        text += (
+            f"\n\ndevice kernels: {busy_us:.0f} us per call ({busy_us / call_us:.0%} of the call)\n\n"
+            + _top_table("kernel", kernels, "self_device_time_total", args.top)
+        )
+    return text
+
+
+def _top_table(what: str, events: list, key: str, top: int) -> str:
+    rows = [
+        [e.key[:70], f"{getattr(e, key) / PROFILED_CALLS:.1f}", f"{e.count / PROFILED_CALLS:g}"]
+        for e in events[:top]
+    ]
+    return markdown_table([what, "us per call", "calls per call"], rows)
+
+
 def main() -> None:
     parser = payload_sweep_parser(__doc__)
     parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=None, metavar="MIB", help="also profile at MIB MiB")
+    parser.add_argument("--top", type=int, default=15, help="with --profile: rows per table")
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="with --profile: each rank's Chrome trace, at PATH with -rankN before the suffix",
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -107,6 +191,7 @@ def main() -> None:
         rows += bench_size(mib, args, link, device, dtype)
         if cuda:
             torch.cuda.empty_cache()
+    profiled = "" if args.profile is None else "\n\n" + profile_size(args.profile, args, link, device, dtype)
     if rank == 0:
         backend = dist.get_backend()
         body = (
@@ -114,6 +199,7 @@ def main() -> None:
             f"{args.dim} channels, {args.experts_per_rank} experts per rank, uniform routing; "
             "payload = dispatch rows per rank\n\n"
             + markdown_table(["payload MiB", "mode", "ms", "GB/s per rank", "vs all_to_all_single"], rows)
+            + profiled
         )
         write_result("dispatch", body)
     dist.destroy_process_group()

@@ -14,36 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Any
 
 import torch
 
+from benchmarks.local_exchange import CopyExchange
 from benchmarks.results_io import markdown_table, write_result
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.pipeline.overlap import COMM, Chain, Streams, Tape, forward_parts, lockstep
-
-
-class CopyExchange:
-    """Stands in for the all-to-all on one device: copies the payload (the same bytes) through a buffer."""
-
-    def dispatch(
-        self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return _Copy.apply(tokens), counts, None
-
-    def combine(self, expert_out: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return _Copy.apply(expert_out)
-
-
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clone()
 
 
 def _intervals(streams: Streams) -> list[tuple[str, str, float, float]]:

@@ -5,21 +5,58 @@ Ours (`lightning_dsv3.pipeline`: 1F1B, ZB1P, DualPipe, DualPipeV, run by `Pipeli
 run forward and backward of the same global batch through the same stage cuts (the FLOP-balanced
 layer ranges of `lightning_dsv3.pipeline.partition`; two stages per rank in a V for ZBV, DualPipeV
 and our DualPipeV), from the same initial weights, with one pipeline rank per process. No optimizer
-step: this measures the schedule.
+step: this measures the schedule. The first step's loss is printed for each: every row trains the
+same model on the same batch. With one GPU per stage and no expert parallelism there is no all-to-all
+for DualPipe's FB step to hide; what it can still hide is the pipeline's own idle time.
 
-For each: the median step time (slowest rank) and tokens/s; the measured bubble, the largest share of
-the step a rank spent outside its compute actions (waiting for transfers included); and the
-simulator's prediction for our schedule of the same name under the measured median time of each
-action kind (F, B, W, and FB for ours), which is the bubble the schedule itself leaves with free
-transfers. Each compute action is timed with CUDA events on GPUs (device time, no synchronisation
-inside the step) and the wall clock on CPU; torch's actions are timed by wrapping its stage's
-forward_one_chunk, backward_one_chunk and backward_weight_one_chunk. Torch's DualPipeV runs its
-overlapped forward&backward as two actions one after the other, so it is predicted without overlap.
-With one GPU per stage and no expert parallelism there is no all-to-all for DualPipe's FB step to
-hide; what it can still hide is the pipeline's own idle time. The first step's loss is printed for
-each: every row trains the same model on the same batch.
+`--compile` compiles what a user's run would: `Transformer.compile_parts()` (torch.compile's default
+mode, no CUDA graphs) on the one-device model and on every chunk, ours and the ones torch's stages
+wrap, whose loss is then the chunk's compiled cross-entropy as in ours. The code that runs differs
+by design: the one device and torch's stages call each decoder layer whole (one compiled graph per
+layer), our runtime calls a layer's parts one at a time (compiled attention and mlp, eager dispatch
+and combine) so that FB can interleave two micro-batches. A compiled part has one backward graph for
+its input and weight gradients together, so an input-only B runs all of it and its W runs all of it
+again: where a schedule splits the backward (ZB1P, DualPipe(V)'s cooldown), B + W costs two BW.
+Compilation happens in the warm-up steps; a row that still compiled a graph during its timed steps is
+named under the tables.
+
+Speed table: the median step time (slowest rank, host clock around the step) and tokens/s; the
+measured bubble, the largest share of the step a rank spent outside its compute actions (waiting for
+transfers included); the median time of each action kind. Each compute action is timed with CUDA
+events on GPUs (device time, no synchronisation inside the step) and the wall clock on CPU; torch's
+actions by wrapping its stage's forward_one_chunk, backward_one_chunk and backward_weight_one_chunk.
+
+Prediction table: the simulator (`lightning_dsv3.pipeline.simulate`) runs our schedule of the row's
+name with the action times measured in the same step, four ways, each adding one thing:
+
+  one median per kind  F, B, W, BW, FB each the median over every rank and chunk (what the
+                       PipelineTimeline callback does); unequal stages get one cost
+  per-stage medians    each action costs the median of its kind on its rank and chunk(s)
+  + P2P                the same, each hop also taking the measured time of one transfer of a
+                       micro-batch's hidden state (`p2p_seconds`, in the header)
+  own times + P2P      each action costs its own measured duration: a replay of the step
+
+What ran is matched to the schedule's action: our runtime fuses a B with the W right after it into
+one BW (a fused B costs the BW, its W nothing); a schedule's BW that ran split costs its B plus W,
+and an FB that did not run as one (torch's DualPipeV runs F then the backward) costs its F plus its
+micro-batch's full backward. Torch's ZBV has no counterpart in our schedule IR.
+
+What the gap between a measured and predicted step consists of. The replay has each rank's busy time
+exactly as measured, so measured - replay is time no compute action ran that the schedule's
+dependencies and one transfer time per hop do not explain: (1) the host's work between actions
+(posting each batch of sends and receives, the runtime's Python bookkeeping; host-bound, with eager
+kernels this small, the device idles while it happens, and since a CUDA-event-timed action then
+lasts as long as its launches, every host stall inside an action is counted as compute); (2) sends
+that block: a rank's next compute action waits for its whole batch of P2P, sends included (on GPUs
+the compute stream is ordered after it), and an NCCL send completes only once the peer has posted
+its receive, while the simulator's SEND never blocks; (3) the step's edges, the host clock from the
+step's start to the first kernel and from the last to the synchronisation. Replay - per-stage
+medians is the spread of one stage's actions over micro-batches; per-stage - one median per kind is
+what a single median gets wrong when stages do unequal work (DualPipeV on mini: rank 0 holds layers
+0-2 with the embedding and layer 11 with the head, rank 1 layers 3-10).
 
     torchrun --nproc_per_node 2 -m benchmarks.pipeline_schedules                 # GPUs, NCCL, mini preset
+    torchrun --nproc_per_node 2 -m benchmarks.pipeline_schedules --compile --micro-batch 4
     torchrun --nproc_per_node 2 -m benchmarks.pipeline_schedules --preset debug --seq-len 32 \\
         --micro-batch 1 --n-microbatches 4 --steps 2 --warmup 1                 # CPU small mode, gloo
 """
@@ -28,8 +65,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,15 +76,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.results_io import markdown_table, write_result
-from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, parse_action, predicted
+from benchmarks.results_io import checked_step_args, markdown_table, microbatch_step_parser, write_result
+from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, parse_action
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.pipeline.runtime import ActionClock, PipelineRuntime
-from lightning_dsv3.pipeline.schedules import PipelineSchedule, ScheduleError, make_schedule
+from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule, ScheduleError, make_schedule
+from lightning_dsv3.pipeline.simulate import Costs, simulate
 from lightning_dsv3.pipeline.stages import StagePlan
 
 OURS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -54,7 +93,14 @@ TORCH = {  # our name -> torch.distributed.pipelining class, V-shaped (two stage
     "zbv": ("ScheduleZBVZeroBubble", True),
     "dualpipev": ("ScheduleDualPipeV", True),
 }
+FEEDINGS = {  # how the simulator is fed (see the module docstring) -> column header
+    "kind": "one median per kind",
+    "stage": "per-stage medians",
+    "stage+p2p": "per-stage medians + P2P",
+    "replay+p2p": "own times + P2P",
+}
 TOKEN_SEED = 1234
+Recorded = list[tuple[str, float, float]]  # one rank's compute actions of a step: (action, start s, end s)
 
 
 class TorchStageModule(nn.Module):
@@ -73,23 +119,20 @@ class TorchStageModule(nn.Module):
         return self.chunk.logits(h) if self.chunk.with_head else h
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The main head's loss as `Transformer.loss` computes it (fp32 logits, mean over tokens)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 @dataclass
 class Row:
-    """One schedule's measurements (rank 0's view, already reduced over ranks)."""
+    """One schedule's measurements (rank 0's view, already reduced over ranks); lists hold one entry per
+    timed step."""
 
     impl: str
     schedule: str
     step_s: list[float] = field(default_factory=list)
     bubble: list[float] = field(default_factory=list)
-    predicted_bubble: list[float] = field(default_factory=list)
-    predicted_step_s: list[float] = field(default_factory=list)
-    action_ms: dict[str, list[float]] = field(default_factory=dict)  # per step: median time of each kind
+    busy_s: list[list[float]] = field(default_factory=list)  # each rank's compute time
+    predicted: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (step s, bubble)
+    action_ms: dict[str, list[float]] = field(default_factory=dict)  # median time of each kind
     first_loss: float = float("nan")
+    late_graphs: int = 0  # graphs compiled during the timed steps (most on any rank)
     note: str = ""
 
 
@@ -103,24 +146,105 @@ class Bench:
     args: argparse.Namespace
     device: torch.device
     dtype: Any
+    p2p_s: float  # one hop of one micro-batch's hidden state
 
     def clock(self) -> ActionClock:
         return ActionClock(self.device)
 
     def chunks(self, schedule: PipelineSchedule, rank: int) -> list[Transformer]:
-        """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values."""
+        """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values
+        (and compiled with --compile)."""
         plan = StagePlan.build(self.config, schedule, self.args.seq_len)
-        chunks = []
-        for spec in plan.chunks_of(rank):
-            chunk = Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head)
-            chunk.init_weights(0)
-            chunks.append(chunk.to(device=self.device, dtype=self.dtype))
-        return chunks
+        return [
+            self.prepare(Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head))
+            for spec in plan.chunks_of(rank)
+        ]
+
+    def prepare(self, model: Transformer) -> Transformer:
+        """Seeded weights on the device, compiled as a user's run compiles them when --compile."""
+        model.init_weights(0)
+        model.to(device=self.device, dtype=self.dtype)
+        if self.args.compile:
+            model.compile_parts()
+        return model
 
 
-def gather_bars(clock: ActionClock) -> list[list[Bar]]:
+class MeasuredCosts:
+    """The simulator's cost of each compute action, from one step's measured actions on every rank.
+
+    `typical`: an action costs the median of its kind on its rank and chunk(s), whatever its micro-batch;
+    otherwise its own measured duration. Schedule actions that ran in another form are costed by what
+    ran for them (module docstring): a fused B by its BW (its W then costs nothing), a split BW by its
+    B and W, an FB that ran as two actions by its F and its micro-batch's full backward.
+    """
+
+    def __init__(self, durations: list[dict[str, float]], typical: bool) -> None:
+        self.durations = durations  # per rank: action string -> seconds
+        self.typical = typical
+        self.medians = [_medians_by_stage(d) for d in durations]
+
+    def __call__(self, rank: int, action: Action) -> float:
+        name = str(action)
+        if name in self.durations[rank]:
+            return self._time(rank, name)
+        mb, chunk = action.mb, action.chunk
+        if action.op is Op.B:
+            return self._time(rank, f"BW({mb}.{chunk})")
+        if action.op is Op.W and f"BW({mb}.{chunk})" in self.durations[rank]:
+            return 0.0
+        if action.op is Op.BW:
+            return self._backward(rank, mb, chunk)
+        if action.op is Op.FB:
+            assert action.mb2 is not None and action.chunk2 is not None
+            return self._time(rank, f"F({mb}.{chunk})") + self._backward(rank, action.mb2, action.chunk2)
+        raise KeyError(f"rank {rank} recorded nothing that ran {name}")
+
+    def _time(self, rank: int, name: str) -> float:
+        if name not in self.durations[rank]:
+            raise KeyError(f"rank {rank} recorded no {name}")
+        return self.medians[rank][_stage_kind(name)] if self.typical else self.durations[rank][name]
+
+    def _backward(self, rank: int, mb: int, chunk: int) -> float:
+        """The full backward of (mb, chunk) as it ran: one BW, or a B and its W."""
+        if f"BW({mb}.{chunk})" in self.durations[rank]:
+            return self._time(rank, f"BW({mb}.{chunk})")
+        return self._time(rank, f"B({mb}.{chunk})") + self._time(rank, f"W({mb}.{chunk})")
+
+
+def _stage_kind(action: str) -> str:
+    """An action string without its micro-batches: "FB(4.0|1.1)" -> "FB(0|1)", the same work on a rank."""
+    return re.sub(r"(?<=[(|])\d+\.", "", action)
+
+
+def _medians_by_stage(durations: dict[str, float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for name, seconds in durations.items():
+        groups[_stage_kind(name)].append(seconds)
+    return {kind: statistics.median(times) for kind, times in groups.items()}
+
+
+def predictions(
+    schedule: PipelineSchedule, ranks: list[Recorded], p2p_s: float
+) -> dict[str, tuple[float, float]]:
+    """(step s, largest bubble share) the simulator gives `schedule` under each of FEEDINGS."""
+    bars = [[parse_action(*action) for action in actions] for actions in ranks]
+    durations = [{name: end - start for name, start, end in actions} for actions in ranks]
+    per_stage, own = MeasuredCosts(durations, typical=True), MeasuredCosts(durations, typical=False)
+    free, hop = Costs(f=0.0, b=0.0), Costs(f=0.0, b=0.0, p2p_latency=p2p_s)
+    results = {
+        "kind": simulate(schedule, measured_costs(bars)[0]),
+        "stage": simulate(schedule, free, per_stage),
+        "stage+p2p": simulate(schedule, hop, per_stage),
+        "replay+p2p": simulate(schedule, hop, own),
+    }
+    return {
+        name: (r.makespan, r.max_bubble / r.makespan if r.makespan else 0.0) for name, r in results.items()
+    }
+
+
+def gather_actions(clock: ActionClock) -> list[Recorded]:
     ranks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, [parse_action(t.action, t.start_s, t.end_s) for t in clock.read()])
+    dist.all_gather_object(ranks, [(t.action, t.start_s, t.end_s) for t in clock.read()])
     return ranks
 
 
@@ -138,6 +262,39 @@ def mean_loss(losses: list[torch.Tensor], device: torch.device) -> float:
     return float(t[0] / t[1]) if t[1] else float("nan")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters  # on first use: importing dynamo takes a while
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def p2p_seconds(config: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: Any) -> float:
+    """One hop of one micro-batch's hidden state, rank 0 to rank 1, made as the runtime makes it (a
+    batched isend/irecv, then waited for): the median of 20 round trips after 5, halved. The simulator
+    takes it as the latency of every SEND/RECV pair; every rank gets rank 0's value."""
+    rank = dist.get_rank()
+    buf = torch.zeros(args.micro_batch, args.seq_len, config.dim, dtype=dtype, device=device)
+    pairs = {0: (dist.isend, dist.irecv), 1: (dist.irecv, dist.isend)} if dist.get_world_size() > 1 else {}
+    ops = pairs.get(rank, ())
+    times = []
+    for _ in range(25):
+        dist.barrier()
+        synchronize(device)
+        start = time.perf_counter()
+        for op in ops:
+            for req in dist.batch_isend_irecv([dist.P2POp(op, buf, 1 - rank)]):
+                req.wait()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return slowest(statistics.median(times[5:]) / 2 if rank == 0 else 0.0, device)
+
+
 def measure(
     row: Row,
     step: Callable[[], list[torch.Tensor]],
@@ -148,35 +305,46 @@ def measure(
 ) -> None:
     """Run warm-up and timed steps; fill `row` on every rank (rank 0 reports it)."""
     args, device = bench.args, bench.device
-    cuda = device.type == "cuda"
+    graphs = compiled_graphs()
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            graphs = compiled_graphs()
         for m in modules:
             m.zero_grad(set_to_none=True)
         dist.barrier()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         clock.start()
         start = time.perf_counter()
         losses = step()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         step_s = slowest(time.perf_counter() - start, device)
         loss = mean_loss(losses, device)
-        ranks = gather_bars(clock)
+        ranks = gather_actions(clock)
         if i == 0:
             row.first_loss = loss
-        if i < args.warmup:
-            continue
-        row.step_s.append(step_s)
-        shares, _ = bubble_fractions(ranks)
-        row.bubble.append(max(shares))
-        costs, medians = measured_costs(ranks)
-        for op, t in medians.items():
-            row.action_ms.setdefault(op, []).append(t * 1e3)
-        if sim_schedule is not None:
-            _, sim_shares, sim_span = predicted(sim_schedule, costs)
-            row.predicted_bubble.append(max(sim_shares))
-            row.predicted_step_s.append(sim_span)
+        if i >= args.warmup:
+            row.step_s.append(step_s)
+            record(row, ranks, sim_schedule, bench.p2p_s)
+    row.late_graphs = int(slowest(compiled_graphs() - graphs, device))
+
+
+def record(row: Row, ranks: list[Recorded], sim_schedule: PipelineSchedule | None, p2p_s: float) -> None:
+    """One timed step's bubble, busy times, action medians and predictions into `row`."""
+    bars: list[list[Bar]] = [[parse_action(*action) for action in actions] for actions in ranks]
+    shares, _ = bubble_fractions(bars)
+    row.bubble.append(max(shares))
+    row.busy_s.append([sum(end - start for _, start, end in actions) for actions in ranks])
+    for op, t in measured_costs(bars)[1].items():
+        row.action_ms.setdefault(op, []).append(t * 1e3)
+    if sim_schedule is None:
+        return
+    try:
+        predicted = predictions(sim_schedule, ranks, p2p_s)
+    except KeyError as err:  # an action of our schedule that this run did not record
+        row.note = f"no prediction: {err}"
+        return
+    for name, value in predicted.items():
+        row.predicted.setdefault(name, []).append(value)
 
 
 def run_ours(name: str, bench: Bench) -> Row:
@@ -207,28 +375,27 @@ def run_one_device(bench: Bench) -> Row:
     after the other (gradients accumulate, as in the pipelines); the other ranks wait."""
     config, tokens, args, device = bench.config, bench.tokens, bench.args, bench.device
     row = Row("one device", "no pipeline")
-    rank = dist.get_rank()
-    if rank == 0:
-        model = Transformer(config, tuple(range(config.n_layers)), True, True)
-        model.init_weights(0)
-        model.to(device=device, dtype=bench.dtype)
+    if dist.get_rank() == 0:
+        model = bench.prepare(Transformer(config, tuple(range(config.n_layers)), True, True))
         micro = list(tokens.chunk(args.n_microbatches))
+        graphs = compiled_graphs()
         for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                graphs = compiled_graphs()
             model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             ces = []
             for mb in micro:
                 out = model.training_loss(mb)
                 (out.loss / args.n_microbatches).backward()
                 ces.append(out.ce.detach())
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             if i == 0:
                 row.first_loss = float(torch.stack(ces).mean())
             if i >= args.warmup:
                 row.step_s.append(time.perf_counter() - start)
+        row.late_graphs = compiled_graphs() - graphs
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -278,8 +445,9 @@ def run_torch(name: str, bench: Bench) -> Row:
         )
         stages.append(stage)
     try:
+        # the chunk's own cross-entropy (compiled with --compile), as our last stage's loss
         schedule = schedule_class(
-            stages if v_shape else stages[0], args.n_microbatches, loss_fn=cross_entropy
+            stages if v_shape else stages[0], args.n_microbatches, loss_fn=chunks[-1].cross_entropy
         )
     except (ValueError, RuntimeError) as err:
         row.note = str(err).splitlines()[0]
@@ -301,69 +469,87 @@ def run_torch(name: str, bench: Bench) -> Row:
     return row
 
 
-def report(rows: list[Row], args: argparse.Namespace, world: int) -> None:
-    tokens = args.n_microbatches * args.micro_batch * args.seq_len
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def speed_table(rows: list[Row], tokens: int) -> str:
+    """Step time, throughput, measured bubble and action medians of every row."""
     table = []
     one_device = next((statistics.median(r.step_s) for r in rows if r.impl == "one device"), None)
     for r in rows:
-        if r.note:
-            table.append([r.impl, r.schedule, *["—"] * 11, r.note[:80]])
+        if not r.step_s:
+            table.append([r.impl, r.schedule, *["—"] * 9, r.note[:80]])
             continue
         step = statistics.median(r.step_s)
         speedup = f"{one_device / step:.2f}x" if one_device else "—"
         bubble = f"{statistics.median(r.bubble):.1%}" if r.bubble else "—"
-        pred_b = f"{statistics.median(r.predicted_bubble):.1%}" if r.predicted_bubble else "—"
-        pred_s = f"{statistics.median(r.predicted_step_s) * 1e3:.1f}" if r.predicted_step_s else "—"
         ms = {op: statistics.median(v) for op, v in r.action_ms.items()}
         costs = [f"{ms[op]:.2f}" if op in ms else "—" for op in ("F", "B", "W", "BW", "FB")]
         table.append(
-            [r.impl, r.schedule, f"{step * 1e3:.1f}", f"{tokens / step:,.0f}", speedup, bubble, pred_b,
-             pred_s, *costs, f"{r.first_loss:.4f}"]
+            [r.impl, r.schedule, _ms(step), f"{tokens / step:,.0f}", speedup, bubble, *costs,
+             f"{r.first_loss:.4f}"]
         )  # fmt: skip
+    header = ["implementation", "schedule", "step ms", "tokens/s", "vs one device", "bubble measured",
+              "F ms", "B ms", "W ms", "BW ms", "FB ms", "loss step 1"]  # fmt: skip
+    return markdown_table(header, table)
+
+
+def prediction_table(rows: list[Row]) -> str:
+    """Measured step and bubble against the simulator's under each feeding (predicted / measured - 1)."""
+    table = []
+    for r in rows:
+        if not r.bubble:
+            continue
+        step = statistics.median(r.step_s)
+        busy = " / ".join(_ms(statistics.median(b)) for b in zip(*r.busy_s))
+        cells = []
+        for name in FEEDINGS:
+            values = r.predicted.get(name)
+            if not values:
+                cells += ["—", "—"]
+                continue
+            span = statistics.median(v[0] for v in values)
+            cells += [
+                f"{_ms(span)} ({span / step - 1:+.0%})",
+                f"{statistics.median(v[1] for v in values):.1%}",
+            ]
+        table.append([r.impl, r.schedule, _ms(step), busy, f"{statistics.median(r.bubble):.1%}", *cells])
+    header = ["implementation", "schedule", "step ms", "busy ms per rank", "bubble measured"]
+    for title in FEEDINGS.values():
+        header += [f"{title}: step ms (error)", "bubble"]
+    return markdown_table(header, table)
+
+
+def report(rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float) -> None:
+    tokens = args.n_microbatches * args.micro_batch * args.seq_len
+    compiled = "each chunk and the one-device model compiled (compile_parts, default mode)"
+    late = [f"{r.impl} {r.schedule} ({r.late_graphs})" for r in rows if r.late_graphs]
+    notes = [f"{r.impl} {r.schedule}: {r.note}" for r in rows if r.note and r.step_s]
     body = (
         f"preset {args.preset} (MTP off), pp={world} (one pipeline rank per process), "
         f"{args.n_microbatches} micro-batches of {args.micro_batch} x {args.seq_len} tokens per step, "
-        f"{args.steps} timed steps after {args.warmup} warm-up; forward and backward only. Bubble: the "
-        "largest share of the step one rank spent outside its compute actions; predicted: the simulator "
-        "on our schedule of that name with the measured median action times (ZBV has no counterpart in "
-        "our schedule IR); vs one device: against the whole model on one device running the same "
-        "micro-batches. Action times are medians in ms (B: input gradient only; BW: full backward).\n\n"
-        + markdown_table(
-            [
-                "implementation",
-                "schedule",
-                "step ms",
-                "tokens/s",
-                "vs one device",
-                "bubble measured",
-                "bubble predicted",
-                "predicted step ms",
-                "F ms",
-                "B ms",
-                "W ms",
-                "BW ms",
-                "FB ms",
-                "loss step 1",
-            ],
-            table,
-        )  # fmt: skip
+        f"{args.steps} timed steps after {args.warmup} warm-up; forward and backward only; "
+        f"{compiled if args.compile else 'eager'}. Bubble: the largest share of the step one rank spent "
+        "outside its compute actions; vs one device: against the whole model on one device running the "
+        "same micro-batches. Action times are medians in ms (B: input gradient only; BW: full backward)."
+        "\n\n" + speed_table(rows, tokens) + "\n\n"
+        "The simulator on our schedule of each row's name with the action times measured in the same step "
+        "(medians over steps; ZBV has no counterpart in our schedule IR); the error is predicted / measured "
+        f"- 1. P2P: one hop of a micro-batch's hidden state measured at {p2p_s * 1e3:.3f} ms. Busy: each "
+        "rank's compute time per step. The module docstring says what the gap consists of.\n\n"
+        + prediction_table(rows)
+        + (f"\n\nGraphs compiled during the timed steps (raise --warmup): {', '.join(late)}" if late else "")
+        + "".join(f"\n\n{note}" for note in notes)
     )
-    write_result(f"pipeline_schedules-{args.preset}-pp{world}", body)
+    write_result(f"pipeline_schedules-{args.preset}-pp{world}{'-compile' if args.compile else ''}", body)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
-    parser.add_argument("--n-microbatches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = microbatch_step_parser(__doc__)
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run (empty: none)")
     parser.add_argument("--torch", default=",".join(TORCH), help=f"torch's schedules among {sorted(TORCH)}")
-    args = parser.parse_args()
+    args = checked_step_args(parser)
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -376,14 +562,14 @@ def main() -> None:
     batch = args.n_microbatches * args.micro_batch
     tokens = torch.randint(0, config.vocab_size, (batch, args.seq_len + 1), generator=gen).to(device)
 
-    bench = Bench(config, tokens, args, device, dtype)
+    bench = Bench(config, tokens, args, device, dtype, p2p_seconds(config, args, device, dtype))
     rows = [run_one_device(bench)]
     for name in filter(None, args.ours.split(",")):
         rows.append(run_ours(name, bench))
     for name in filter(None, args.torch.split(",")):
         rows.append(run_torch(name, bench))
     if dist.get_rank() == 0:
-        report(rows, args, dist.get_world_size())
+        report(rows, args, dist.get_world_size(), bench.p2p_s)
     dist.barrier()
     dist.destroy_process_group()
 

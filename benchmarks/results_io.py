@@ -86,6 +86,29 @@ def payload_sweep_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def microbatch_step_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the scripts that time steps of micro-batches (pipeline_schedules, exposed_exchange):
+    the preset, --n-microbatches of --micro-batch sequences of --seq-len tokens, --steps timed after
+    --warmup (which must cover compilation under --compile: `Transformer.compile_parts` on every chunk)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
+    parser.add_argument("--n-microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation included)")
+    parser.add_argument("--compile", action="store_true", help="Transformer.compile_parts() on every chunk")
+    return parser
+
+
+def checked_step_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse `microbatch_step_parser`'s options, refusing counts that leave nothing to time."""
+    args = parser.parse_args()
+    if min(args.micro_batch, args.n_microbatches, args.steps) < 1 or args.warmup < 0:
+        parser.error("--micro-batch, --n-microbatches and --steps must be at least 1, --warmup at least 0")
+    return args
+
+
 def payload_sizes_mib(args: argparse.Namespace) -> list[int]:
     """The powers of two from args.min_mib to args.max_mib."""
     return [2**i for i in range(args.max_mib.bit_length()) if args.min_mib <= 2**i <= args.max_mib]

@@ -109,7 +109,8 @@ def optimizer_bytes(module: torch.nn.Module, optimizers: Sequence[torch.optim.Op
 
 
 def pipeline_stages(trainer: pl.Trainer) -> tuple[int, ...]:
-    """The pipeline stages this rank holds under DSV3Strategy with pp > 1; () otherwise."""
+    """The pipeline stages this rank holds under DSV3Strategy with a pipeline (pp > 1, or pp = 1
+    dualpipev); () otherwise."""
     plan, mesh = getattr(trainer.strategy, "plan", None), getattr(trainer.strategy, "mesh", None)
     if plan is None or mesh is None:
         return ()

@@ -125,7 +125,7 @@ class PipelineTimeline(PeriodicReport):
             if not self._warned:
                 rank_zero_warn(
                     f"PipelineTimeline: {type(strategy).__name__} runs no pipeline; nothing to draw "
-                    "(use DSV3Strategy with pp > 1)"
+                    "(use DSV3Strategy with pp > 1, or schedule='dualpipev' at pp = 1)"
                 )
                 self._warned = True
             return

@@ -255,6 +255,11 @@ class ParallelConfig:
 
     `dp=None` is inferred from the world size. World = pp * dp * ep; ep is the innermost mesh
     dimension. `n_microbatches` micro-batches of the per-rank batch go through the pipeline each step.
+    The step runs the pipeline runtime when `pipelined`: with pp > 1, and at pp = 1 under
+    `schedule="dualpipev"`, whose V then puts both of its half-model chunks on the one rank so that
+    one micro-batch's forward overlaps another's backward (DeepSeek's dual-micro-batch overlap:
+    one's expert all-to-all runs during the other's compute). Any other schedule at pp = 1 runs
+    forward then backward per micro-batch.
 
     Communication: `dispatch_codec` packs the expert dispatch payload ("fp8" or "int8", one scale per
     128 channels; its gradient travels exact unless `quantize_dispatch_grad`); `grad_codec` compresses
@@ -282,12 +287,19 @@ class ParallelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def pipelined(self) -> bool:
+        """Whether the step runs a pipeline schedule (see the class docstring): pp > 1, or DualPipeV's
+        one-rank V at pp = 1 (the only schedule whose single-rank program overlaps micro-batches)."""
+        return self.pp > 1 or self.schedule == "dualpipev"
+
+    @property
     def microbatches(self) -> int:
         """Micro-batches per step: `n_microbatches` as given, else 1 without a pipeline and 2 * pp with
-        one (the strategy, the planner and the recipes all read it here)."""
+        one, so 2 for the one-rank V, the fewest with an overlapped pair (the strategy, the planner and
+        the recipes all read it here)."""
         if self.n_microbatches:
             return self.n_microbatches
-        return 1 if self.pp == 1 else 2 * self.pp
+        return 2 * self.pp if self.pipelined else 1
 
     def __post_init__(self) -> None:
         for name in ("pp", "ep"):

@@ -162,7 +162,7 @@ class DeepSeekV3Module(L.LightningModule):
         guard = getattr(self.trainer.strategy, "nonfinite", None)
         keep: torch.Tensor | float = 1.0
         if guard is not None and guard.enabled:
-            self.log("nonfinite/skipped_steps", float(guard.skipped), batch_size=1)
+            self.log("nonfinite/skipped_steps", guard.skipped_steps(), batch_size=1)
             if guard.skip_step:
                 for router in routers.values():
                     router.expert_load.zero_()

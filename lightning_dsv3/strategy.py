@@ -4,10 +4,10 @@
     Trainer(strategy="dsv3", devices=2)                         # the registry name, pure data parallel
 
 The strategy runs the whole step itself: it splits the per-rank batch into micro-batches, runs
-forward and backward for each (the pipeline schedule when pp > 1), and returns the detached loss,
-so its `backward` does nothing. Gradients are reduced after the last micro-batch of an optimizer
-step, before clipping and the optimizer (see `optimizer_step`), which keeps Lightning's gradient
-accumulation, clipping, LR schedulers and callbacks working unchanged.
+forward and backward for each (the pipeline schedule when pp > 1, or DualPipeV's one-rank V at
+pp = 1), and returns the detached loss, so its `backward` does nothing. Gradients are reduced after
+the last micro-batch of an optimizer step, before clipping and the optimizer (see `optimizer_step`),
+which keeps Lightning's gradient accumulation, clipping, LR schedulers and callbacks working unchanged.
 """
 
 from __future__ import annotations
@@ -63,8 +63,17 @@ class DSV3Strategy(ParallelStrategy):
 
     Args:
         pp: pipeline stages. dp: data-parallel replicas (None: world / (pp * ep)). ep: expert-parallel size.
-        schedule: pipeline schedule name (used when pp > 1).
-        n_microbatches: micro-batches per step and rank (default: 1 without a pipeline).
+        schedule: pipeline schedule name. Used when pp > 1; at pp = 1 only "dualpipev" changes the step:
+            the rank holds the V's two chunks (the first half of the layers with the embedding, the
+            second with the head and MTP, cut as pipeline stages are) and runs DualPipeV's one-rank
+            program, whose FB pairs run one micro-batch's forward with another's backward, so that with
+            ep > 1 the dispatch and combine of one run on the communication stream during the other's
+            compute (DeepSeek's dual-micro-batch overlap, without a pipeline). Of n >= 2 micro-batches'
+            2n chunk forwards, 2n - 3 run paired with a backward (one micro-batch overlaps nothing). Any
+            other schedule at pp = 1 runs forward then backward per micro-batch, every exchange exposed.
+            Checkpoints name tensors as the whole model does, so they move between the two.
+        n_microbatches: micro-batches per step and rank (default: 2 * pp with a pipeline, so 2 for the
+            pp = 1 V; 1 without one).
         zero: shard optimizer state (and the fp32 masters of bf16 weights) over the gradient-reducing
             groups (ZeRO-1); fp32 weights are their own masters.
         dispatch_codec: compress the expert dispatch payload ("fp8", "int8"); None sends it as is.
@@ -78,8 +87,9 @@ class DSV3Strategy(ParallelStrategy):
             nodes, then within) unless hierarchical_dispatch=False.
         max_nodes_per_token: node-limited routing, each token's experts on at most this many nodes.
         bucket_bytes: cap on a gradient bucket (None: chosen by the network probe, or no cap).
-        layer_costs: pp > 1: one cost per decoder layer (e.g. measured milliseconds) to cut the
-            stages by, instead of the FLOP model (`lightning_dsv3.pipeline.partition`).
+        layer_costs: with a pipeline (pp = 1 V included): one cost per decoder layer (e.g. measured
+            milliseconds) to cut the stages by, instead of the FLOP model
+            (`lightning_dsv3.pipeline.partition`).
         probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
             dispatch compression pays (None: on GPUs only).
         start_method: how `devices=N` processes start on one machine when no launcher made them:
@@ -236,7 +246,7 @@ class DSV3Strategy(ParallelStrategy):
                 "'bf16-true' or '32-true'"
             )
         self.module.check_data(getattr(self.module._trainer, "datamodule", None))
-        if config.pp > 1:
+        if config.pipelined:
             schedule = make_schedule(config.schedule, config.pp, self.n_microbatches())
             self.plan = StagePlan.build(self.module.config, schedule, layer_costs=self._layer_costs)
         n_experts = self.module.config.n_routed_experts
@@ -346,7 +356,7 @@ class DSV3Strategy(ParallelStrategy):
         )
 
     def _copies_of(self, name: str) -> int:
-        """How many chunks of the pipeline hold the parameter `name` (model.<chunk>.<name> under pp)."""
+        """How many chunks of the pipeline hold the parameter `name` (named model.<chunk>.<name>)."""
         if self.tied is None:
             return 1
         return self.tied.copies.get(name.split(".", 2)[2], 1)

@@ -99,7 +99,10 @@ def plan_of(config: Namespace) -> ClusterPlan:
     model = get_preset(config.model.preset, **(config.model.model_overrides or {}))
     layout = strategy_layout(trainer.strategy)
     pp, ep = layout.get("pp", 1), layout.get("ep", 1)
-    n_micro = ParallelConfig(pp=pp, n_microbatches=layout.get("n_microbatches")).microbatches
+    schedule = layout.get("schedule", "1f1b")
+    n_micro = ParallelConfig(
+        pp=pp, schedule=schedule, n_microbatches=layout.get("n_microbatches")
+    ).microbatches
     if data.batch_size % n_micro:
         raise ValueError(
             f"data.batch_size={data.batch_size} does not split into n_microbatches={n_micro}; "
@@ -108,7 +111,7 @@ def plan_of(config: Namespace) -> ClusterPlan:
     if gpus % pp:
         raise ValueError(f"{gpus} GPUs do not split into pp={pp} pipeline stages")
     kwargs = dict(
-        config=model, gpus=gpus, gpu=gpu, pp=pp, ep=ep, schedule=layout.get("schedule", "1f1b"),
+        config=model, gpus=gpus, gpu=gpu, pp=pp, ep=ep, schedule=schedule,
         precision=precision, global_batch=data.batch_size * (gpus // pp), seq_len=data.seq_len,
         micro_batch_size=data.batch_size // n_micro, checkpointing=model.activation_checkpointing,
         zero=layout.get("zero", True),

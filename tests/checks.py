@@ -153,6 +153,7 @@ def strategy_run(
         "shard_sizes": [(b.reduce_group.size, b.numel, b.shard_numel) for b in strategy.reducer.buckets],
         "comm": strategy.communication_stats(),
         "early_launches": strategy.reducer.early_launches,
+        "actions": [t.action for t in strategy.runtime.timings] if strategy.runtime is not None else [],
     }
 
 

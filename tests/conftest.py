@@ -1,7 +1,14 @@
-"""Session-wide process pools of 2 and 4 gloo ranks (see harness.py), and a clean world per test."""
+"""Session-wide process pools of 1, 2 and 4 gloo ranks (see harness.py), and a clean world per test."""
 
 import pytest
 from harness import ProcessPool
+
+
+@pytest.fixture(scope="session")
+def pool1():
+    pool = ProcessPool(1)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="session")

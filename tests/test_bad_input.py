@@ -197,6 +197,11 @@ CASES = [
         "interleaved_1f1b needs n_microbatches divisible by pp=2",
     ),
     _case("more-stages-than-layers", _now(_validate(4, pp=4)), "n_layers=2 cannot fill 4 pipeline stages"),
+    _case(
+        "pp1-dualpipev-one-layer",
+        _now(_validate(1, {"n_layers": 1}, schedule="dualpipev")),
+        r"n_layers=1 cannot fill 2 pipeline stages.*two under dualpipev, at pp=1 too",
+    ),
     _case("ep-not-dividing-experts", _now(_validate(3, ep=3)), r"ep=3 does not divide n_routed_experts=8"),
     _case(
         "microbatches-not-dividing-batch",

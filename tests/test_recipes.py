@@ -57,7 +57,7 @@ def test_config_parses_and_builds(plan_only: tuple[Any, str], name: str) -> None
         n_micro = strategy.n_microbatches()
         assert built.data.batch_size % n_micro == 0
         assert built.model.config.n_routed_experts % layout.ep == 0
-        if layout.pp > 1:
+        if layout.pipelined:
             make_schedule(layout.schedule, layout.pp, n_micro)  # raises on too few micro-batches
 
 

@@ -44,6 +44,30 @@ class _AddAuxLoss(torch.autograd.Function):
         return grad, aux_grad, None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows = x[index // k]: each row of x copied k times, in the order `index` (a permutation of
+    range(len(x) * k)); `inverse` is the inverse permutation, made on the stream that runs the backward.
+
+    Autograd's backward of a gather scatters, adding into zeros (on the GPU, atomic adds in fp32 and a
+    cast: two passes over every routed row). Knowing the permutation, the backward is a gather too:
+    grad_x[t] = sum over the k copies of grad_rows[inverse[t * k + j]], deterministic and one pass.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[index // k] if k > 1 else x[index]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        out = grad[inverse]
+        return (out.unflatten(0, (-1, ctx.k)).sum(1) if ctx.k > 1 else out), None, None, None
+
+
 @dataclass
 class LayerState:
     """Tensors that flow between the four parts of one layer for one micro-batch."""
@@ -101,7 +125,9 @@ class Block(nn.Module):
         flat = routing.indices.flatten()
         state.routing = routing
         state.order = flat.argsort(stable=True)
-        state.routed = state.x[state.order // moe.top_k]
+        inverse = torch.empty_like(state.order)
+        inverse[state.order] = torch.arange(state.order.numel(), device=inverse.device)
+        state.routed = _PermuteRows.apply(state.x, state.order, inverse, moe.top_k)
         state.counts = tokens_per_expert(flat, moe.n_routed_experts)
         return state
 
@@ -132,10 +158,13 @@ class Block(nn.Module):
             return state.h + state.ffn_out.view_as(state.h)
         moe: MoE = self.ffn  # type: ignore[assignment]
         back = moe.dispatcher.combine(state.expert_out, state.dispatch_ctx)  # (tokens * k, dim) by expert
-        inverse = torch.empty_like(state.order)
-        inverse[state.order] = torch.arange(state.order.numel(), device=inverse.device)
-        # a gather by the inverse permutation: its backward keeps only the indices (index_copy kept `back`)
-        unsorted = back[inverse]  # (tokens * k, dim) in (token, slot) order
+        # under the pipeline's overlap this part runs on the communication stream, and its backward must
+        # only read indices made on that stream (the compute stream's `state.order` could be freed and
+        # its memory reused there while the backward is still queued): a copy of the order, made here
+        order = state.order.clone()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        unsorted = _PermuteRows.apply(back, inverse, order, 1)  # (tokens * k, dim) by (token, slot)
         weights = state.routing.weights.to(back.dtype).unsqueeze(-1)  # (tokens, k, 1)
         y = (unsorted.unflatten(0, (-1, moe.top_k)) * weights).sum(1)  # (tokens, dim)
         if state.ffn_out is not None:

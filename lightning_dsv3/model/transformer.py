@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 
@@ -103,7 +104,11 @@ class Transformer(nn.Module):
         logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it
         reads the bf16 logits and writes their gradient. `mode` is torch.compile's ("reduce-overhead"
         replays CUDA graphs).
+        Backward graphs compiled from here on, in the whole process, donate no buffers: the pipeline's
+        input-only backward (B) keeps a part's graph for its weight backward (W), and a compiled
+        backward that donated its saved buffers refuses `retain_graph=True`.
         """
+        torch._functorch.config.donated_buffer = False  # read when a graph compiles, at its first call
         parts_mode = None if mode in ("reduce-overhead", "max-autotune") else mode
         for block in self.all_blocks():
             block.compile(mode=mode)

@@ -94,7 +94,8 @@ class CommTelemetry:
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def _now(self) -> Any:
+    @torch.compiler.disable  # traced into a compiled layer (whose MoE dispatches), the event kept here
+    def _now(self) -> Any:  # would not be the one the graph records, and reading it would fail
         if not self._cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)

@@ -256,11 +256,10 @@ class GradientReducer:
                 flat = flat[start : start + bucket.shard_numel]
         elif self.zero:
             full = self._flat(grads, bucket, dtype)
-            flat = full.new_empty(bucket.shard_numel)
+            flat = full  # alone in its group, the shard is the whole flat gradient: no copy
             if rg.size > 1:
+                flat = full.new_empty(bucket.shard_numel)
                 work = self._link(rg).reduce_scatter(flat, full, "reduce_scatter", async_op=True)
-            else:
-                flat.copy_(full)
         else:
             flat = self._flat(grads, bucket, dtype)
             if rg.size > 1:
@@ -280,7 +279,8 @@ class GradientReducer:
         for bucket, flat, work in pending:
             if work is not None:
                 work.wait()
-            flat.mul_(self.scale)
+            if self.scale != 1.0:  # one data slice: a pass over every gradient for nothing
+                flat.mul_(self.scale)
             if self.zero:
                 bucket.master.grad = flat
             else:

@@ -280,7 +280,7 @@ def _layer_parts(
     outs = [st.h, st.x] + ([st.routing.weights, st.routed] if block.is_moe else [])
     attn_params = _cached(params, block, "attention", lambda: _block_params(block, "attention"))
     tape.parts.append(_Part(f"{name}.attention", COMPUTE, [x_in], outs, attn_params))
-    streams.share(*outs)
+    streams.share(*outs, st.order)  # dispatch and combine read the routing order on the comm stream
     st.h, st.x = tape.leaf(st.h), tape.leaf(st.x)
     if block.is_moe:
         st.routing.weights, st.routed = tape.leaf(st.routing.weights), tape.leaf(st.routed)

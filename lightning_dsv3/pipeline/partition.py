@@ -31,8 +31,9 @@ def partition(
         raise ValueError(f"n_stages must be >= 1, got {n_stages}")
     if n_layers < n_stages:
         raise ValueError(
-            f"n_layers={n_layers} cannot fill {n_stages} pipeline stages (each needs a layer); "
-            f"use pp (and chunks per rank) with at most {n_layers} stages, or a deeper model"
+            f"n_layers={n_layers} cannot fill {n_stages} pipeline stages (each needs a layer); use at most "
+            f"{n_layers} stages (pp times the schedule's chunks per rank: two under dualpipev, at pp=1 too), "
+            "or a deeper model"
         )
     seq = seq_len or config.max_seq_len
     if layer_costs is None:

@@ -4,8 +4,10 @@ Timing model. Each rank runs its list in order from time 0. A compute action sta
 free (its inputs are there by then: a remote input was waited for by its RECV, a local one was made
 by an earlier action of the rank) and lasts its cost (`Costs`). A SEND takes no time and never
 blocks; a RECV ends at max(rank free, matching SEND's time + latency), so the rank idles while it
-waits. Costs are in any one time unit. `SimResult.records` holds every action's start and end (a
-SEND is a point, a RECV spans its wait) for Gantt charts.
+waits. Costs are in any one time unit; `simulate(..., action_cost=...)` times each compute action by
+its own cost instead (stages of unequal cost, or the measured durations of a run).
+`SimResult.records` holds every action's start and end (a SEND is a point, a RECV spans its wait)
+for Gantt charts.
 
 Bubble. `SimResult.bubble[rank]` = makespan - busy time of the rank, where the makespan is the end of
 the last action of any rank and busy time sums the rank's compute costs. PP below is the number of
@@ -41,6 +43,7 @@ under the runtime's batched blocking P2P (`check_batched_p2p`), and work or mess
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_dsv3.pipeline.schedules import (
@@ -113,15 +116,17 @@ class SimResult:
         return max(self.bubble)
 
 
+ActionCost = Callable[[int, Action], float]  # (rank, compute action) -> its duration
 _Payload = tuple[str, int, int]  # ("act" | "grad", mb, stage that consumes it)
 
 
 class _Replay:
     """Runs every rank's list under the timing model, checking each dependency as it goes."""
 
-    def __init__(self, schedule: PipelineSchedule, costs: Costs) -> None:
+    def __init__(self, schedule: PipelineSchedule, costs: Costs, action_cost: ActionCost | None) -> None:
         self.s = schedule
         self.costs = costs
+        self.action_cost = action_cost
         pp = schedule.pp
         self.pos = [0] * pp
         self.clock = [0.0] * pp
@@ -202,7 +207,7 @@ class _Replay:
             if action.op is Op.B:
                 self.w_pending.add(bwd)
             self._give_output(rank, bwd[0], bwd[1] - 1, "grad")
-        cost = self.costs.of(action.op)
+        cost = self.costs.of(action.op) if self.action_cost is None else self.action_cost(rank, action)
         self.busy[rank] += cost
         self._finish(rank, action, self.clock[rank], self.clock[rank] + cost)
 
@@ -316,8 +321,13 @@ class _Replay:
             raise ScheduleError(f"{s.name}: incomplete; " + "; ".join(problems))
 
 
-def simulate(schedule: PipelineSchedule, costs: Costs) -> SimResult:
-    """Time `schedule` under `costs`, after checking it can run (see the module docstring)."""
-    result = _Replay(schedule, costs).run()
+def simulate(schedule: PipelineSchedule, costs: Costs, action_cost: ActionCost | None = None) -> SimResult:
+    """Time `schedule` under `costs`, after checking it can run (see the module docstring).
+
+    `action_cost(rank, action)`, where given, is the duration of each compute action in place of
+    `costs.of(action.op)` (`costs` still gives the P2P latency): one median per kind cannot describe
+    stages that do unequal work, such as DualPipeV's V with the embedding and head on one rank.
+    """
+    result = _Replay(schedule, costs, action_cost).run()
     check_batched_p2p(schedule)
     return result

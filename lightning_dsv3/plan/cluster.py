@@ -236,9 +236,10 @@ class Candidate:
     time: StepTime
 
 
-def _schedule_allows(schedule: str, pp: int, n_micro: int, n_layers: int) -> bool:
-    if pp == 1:
-        return schedule == "1f1b"
+def _schedule_allows(schedule: str, pp: int, ep: int, n_micro: int, n_layers: int) -> bool:
+    # pp = 1: the plain step (1f1b), or DualPipeV's one-rank V where it has an all-to-all to hide
+    if pp == 1 and schedule != "1f1b" and not (schedule == "dualpipev" and ep > 1):
+        return False
     if schedule == "dualpipe":
         return (
             pp % 2 == 0 and n_micro % 2 == 0 and n_micro >= dualpipe_min_microbatches(pp) and pp <= n_layers
@@ -295,7 +296,7 @@ def search_layouts(
                 continue
             n_micro = global_batch // (slices * micro_batch_size)
             for schedule in schedules:
-                if not _schedule_allows(schedule, pp, n_micro, config.n_layers):
+                if not _schedule_allows(schedule, pp, ep, n_micro, config.n_layers):
                     continue
                 nodes = max_nodes_per_token if ep > gpu.gpus_per_node else None
                 parallel = ParallelConfig(

@@ -110,8 +110,8 @@ def chunk_params(config: ModelConfig, spec: ChunkSpec, ep: int = 1) -> ChunkPara
 
 
 def stage_plan(config: ModelConfig, parallel: ParallelConfig) -> StagePlan | None:
-    """The stages the strategy would build (None without a pipeline)."""
-    if parallel.pp == 1:
+    """The stages the strategy would build (None without a pipeline; pp = 1 dualpipev is one)."""
+    if not parallel.pipelined:
         return None
     return _stage_plan(dataclasses.astuple(config), parallel.schedule, parallel.pp, parallel.microbatches)
 

@@ -169,10 +169,11 @@ def _expert_advice(config: ModelConfig, parallel: ParallelConfig, measured: dict
     share = measured.get("a2a_fraction")
     if share is not None and share > 0.25:
         fixes = []
-        if parallel.schedule not in OVERLAPPED:
+        if not (parallel.pipelined and parallel.schedule in OVERLAPPED):
+            at_pp1 = " (at pp=1, schedule='dualpipev': two half-model chunks on each rank)"
             fixes.append(
                 "a DualPipe schedule, whose FB pairs hide one micro-batch's all-to-all behind another's "
-                "compute"
+                f"compute{at_pp1 if parallel.pp == 1 else ''}"
             )
         if parallel.ep > 8:
             fixes.append("ep=8 to keep the exchange inside a node (NVLink), spreading the rest over dp")

@@ -56,10 +56,11 @@ TORCHRUN_SMALL_MODES = {
         "--warmup", "1",
     ],
     "zero": ["--preset", "debug", "--seq-len", "32", "--batch", "2", "--steps", "3", "--warmup", "1"],
-    "end_to_end_multi": [
-        "--preset", "debug", "--seq-len", "32", "--global-batch", "8", "--steps", "3", "--warmup", "1",
-    ],
     "pipeline_host": ["--layers", "2", "--steps", "2", "--warmup", "1"],
+    "exposed_exchange": [
+        "--preset", "debug", "--seq-len", "32", "--micro-batch", "1", "--n-microbatches", "4", "--steps", "2",
+        "--warmup", "1",
+    ],
 }  # fmt: skip
 
 
@@ -73,10 +74,24 @@ def _run(args: list[str], script: str, cwd: Path, results: Path, **env: str) -> 
     return files[0].read_text()
 
 
+def _tables(text: str) -> list[list[list[str]]]:
+    """The rows of each markdown table of the result file (header left out), cells stripped."""
+    tables: list[list[list[str]]] = []
+    rows: list[list[str]] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            rows = None
+        elif rows is None:  # a header
+            rows = []
+            tables.append(rows)
+        elif not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
 def _table(text: str) -> list[list[str]]:
-    """The rows of the result file's (last) markdown table, cells stripped."""
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    """The rows of the result file's first markdown table."""
+    return _tables(text)[0]
 
 
 @pytest.mark.parametrize("script", sorted(SMALL_MODES))
@@ -104,15 +119,40 @@ def test_multi_process_benchmark_small_mode(script: str, tmp_path: Path) -> None
         assert len(measured) >= 5  # ours, and torch's wherever this torch has the schedule
         first_losses = {float(r[-1]) for r in measured}
         assert max(first_losses) - min(first_losses) < 1e-4  # the same model and batch in every schedule
+        predicted = {r[1]: r for r in _tables(text)[1] if r[0] == "lightning_dsv3"}
+        assert list(predicted) == ["1f1b", "zb1p", "dualpipe", "dualpipev"]
+        for row in predicted.values():  # each feeding: "step ms (error)" and a bubble
+            assert all("%)" in cell for cell in row[5::2]) and all(cell.endswith("%") for cell in row[6::2])
     elif script == "zero":
         assert [r[0] for r in rows] == ["dsv3", "dsv3-zero1", "ddp", "ddp-zero"]
         optimizer = {r[0]: float(r[3].replace(",", "")) for r in rows}
         assert optimizer["ddp-zero"] < optimizer["ddp"]
         # fp32 parameters are their own ZeRO-1 master: half the moments at dp=2, no copy of the weights
         assert optimizer["dsv3-zero1"] == pytest.approx(optimizer["dsv3"] / 2, rel=0.1)
-    elif script == "end_to_end_multi":
-        assert [r[0] for r in rows][:3] == ["ddp", "dsv3:dp=2", "dsv3:ep=2"] and len(rows) == 5
+    elif script == "exposed_exchange":  # the one-rank V and the plain step, each against its stand-in
+        assert [r[0].split()[0] for r in rows] == ["dualpipev", "1f1b"]
+        assert all(float(r[4]) > 0 and r[5].endswith("%") for r in rows)  # an exchange was on the wire
+        assert abs(float(rows[0][-1]) - float(rows[1][-1])) < 1e-4  # the same model and micro-batches
     else:  # pipeline_host: dp=2 and DualPipe over 8 micro-batches, whose parts dispatch more ops
         ops = {r[0]: int(r[6]) for r in rows}
         assert list(ops) == ["dsv3:dp=2", "dsv3:pp=2,schedule=dualpipe,n_microbatches=8"]
         assert ops["dsv3:pp=2,schedule=dualpipe,n_microbatches=8"] > ops["dsv3:dp=2"] > 0
+
+
+def test_end_to_end_multi_small_mode_against_a_one_process_curve(tmp_path: Path) -> None:
+    """The docstring's CPU small mode: a one-process baseline, then every layout over two gloo ranks
+    against its loss curve. In fp32 the curves agree to reduction order, on the same global batches."""
+    small = ["--preset", "debug", "--seq-len", "32", "--global-batch", "8", "--steps", "3", "--warmup", "1"]
+    script, baseline = "end_to_end_multi", tmp_path / "one.json"
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [sys.executable, "-m", f"benchmarks.{script}", *small, "--variants", "dsv3"]
+    _run([*args, "--dump-losses", str(baseline)], script, tmp_path, one, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*launch, "-m", f"benchmarks.{script}", *small, "--curve-from", str(baseline)]
+    text = _run(args, script, tmp_path, two, OMP_NUM_THREADS="1")
+    assert "- command: `torchrun --nproc_per_node 2 -m benchmarks." in text
+    speed, curves = _tables(text)
+    assert [r[0] for r in speed][:3] == ["ddp", "dsv3:dp=2", "dsv3:ep=2"] and len(speed) == 5
+    for row in speed:
+        assert float(row[7]) < 1e-5 and float(row[8]) < 1e-5 and row[9] == "yes", row
+    assert [r[0] for r in curves] == ["1", "3"] and len(curves[0]) == 1 + 1 + len(speed)

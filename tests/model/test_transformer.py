@@ -121,3 +121,24 @@ def test_parallel_config_resolves_dp_and_refuses_bad_meshes() -> None:
         ParallelConfig(pp=2, dp=3, ep=2).resolve(8)
     with pytest.raises(ValueError, match="unknown schedule"):
         ParallelConfig(schedule="zigzag")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_permuted_rows_gather_in_both_directions_like_indexing(k: int) -> None:
+    """The layer's routed-row permutation (a gather whose backward gathers too) gives the values and
+    gradients of plain indexing, whose backward scatter-adds."""
+    from lightning_dsv3.model.block import _PermuteRows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    order = torch.randperm(6 * k, generator=gen)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    upstream = torch.randn(6 * k, 5, dtype=torch.float64, generator=gen)
+
+    rows = _PermuteRows.apply(x, order, inverse, k)
+    (grad,) = torch.autograd.grad(rows, x, upstream)
+    reference = x[order // k]
+    (reference_grad,) = torch.autograd.grad(reference, x, upstream)
+    assert torch.equal(rows, reference)
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-12)

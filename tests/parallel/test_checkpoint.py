@@ -7,14 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from checks import checkpoint_run
-from harness import ProcessPool
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = ProcessPool(1)
-    yield pool
-    pool.close()
 
 
 def _union(results: list[dict]) -> dict[str, torch.Tensor]:
@@ -39,8 +31,9 @@ def saved(pool4, tmp_path_factory) -> tuple[Path, list[dict]]:
         {"ep": 4, "zero": False},
         {"dp": 4, "zero": True},
         {"pp": 2, "ep": 2, "schedule": "dualpipe", "zero": True},
+        {"ep": 4, "schedule": "dualpipev", "zero": True},  # pp=1: two chunks on each rank
     ],
-    ids=["ep4", "dp4-zero", "pp2xep2-dualpipe"],
+    ids=["ep4", "dp4-zero", "pp2xep2-dualpipe", "pp1xep4-dualpipev"],
 )
 def test_resume_on_another_mesh(pool4, saved, layout) -> None:
     path, uninterrupted = saved
@@ -60,3 +53,14 @@ def test_resume_in_one_process(pool1, saved) -> None:
     assert r["losses"] == pytest.approx(uninterrupted[0]["losses"][2:], rel=1e-5)
     for key, value in r["state"].items():
         torch.testing.assert_close(value, _union(uninterrupted)[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_one_rank_v_checkpoint_resumes_without_the_v(pool1, tmp_path) -> None:
+    """Saved from pp=1 dualpipev's two chunks (both holding the embedding with MTP), loaded whole."""
+    path = tmp_path / "v.ckpt"
+    (uninterrupted,) = pool1.run(checkpoint_run, {"schedule": "dualpipev", "zero": True}, str(path), False)
+    (r,) = pool1.run(checkpoint_run, {"zero": True}, str(path), True)
+    assert r["losses"] == pytest.approx(uninterrupted["losses"][2:], rel=1e-5)
+    assert r["state"].keys() == uninterrupted["state"].keys()
+    for key, value in r["state"].items():
+        torch.testing.assert_close(value, uninterrupted["state"][key], rtol=1e-5, atol=1e-7, msg=key)

@@ -18,7 +18,7 @@ SMALL = ["--max-mib", "2", "--dim", "512", "--reps", "2"]
     [
         ("codec_throughput", [sys.executable, "-m", "benchmarks.codec_throughput", *SMALL]),
         ("dispatch", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                      "-m", "benchmarks.dispatch", *SMALL]),
+                      "-m", "benchmarks.dispatch", *SMALL, "--profile", "1"]),
     ],
 )  # fmt: skip
 def test_benchmark_small_mode(name: str, command: list[str], tmp_path: Path) -> None:
@@ -28,3 +28,5 @@ def test_benchmark_small_mode(name: str, command: list[str], tmp_path: Path) -> 
     (result,) = tmp_path.glob(f"{name}-*.md")
     text = result.read_text()
     assert "- device:" in text and "- command:" in text and "fp8" in text
+    if name == "dispatch":  # --profile: the host ops of the profiled calls
+        assert "profile: 5 float32 dispatch + combine calls at 1 MiB" in text and "| host op |" in text

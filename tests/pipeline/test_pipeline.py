@@ -34,11 +34,31 @@ def test_pp2_with_data_or_expert_parallel_and_zero(pool4, ref, schedule: str, me
 @pytest.mark.parametrize(
     "layout",
     [
+        {"ep": 1, "n_microbatches": 4},
+        {"ep": 2, "n_microbatches": 4},
+        {"dp": 2, "ep": 2},  # the default: 2 micro-batches, one overlapped pair
+    ],
+    ids=["ep1", "ep2", "dp2xep2"],
+)
+def test_pp1_dualpipev_overlaps_micro_batches_and_matches_one_process(
+    pool1, pool2, pool4, ref, layout: dict[str, Any]
+) -> None:
+    """At pp=1, dualpipev runs its one-rank V (two half-model chunks, FB pairs) with ZeRO-1 on."""
+    pool = {1: pool1, 2: pool2, 4: pool4}[layout.get("dp", 1) * layout["ep"]]
+    for r in check_layout(pool, {**layout, "schedule": "dualpipev", "zero": True}, ref):
+        n = layout.get("n_microbatches", 2)
+        assert sum(a.startswith("FB(") for a in r["actions"]) == 2 * n - 3
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"ep": 2, "schedule": "dualpipev"},
         {"pp": 2, "schedule": "dualpipev"},
         {"pp": 2, "ep": 2, "schedule": "dualpipe"},
         {"pp": 4, "schedule": "1f1b"},
     ],
-    ids=["pp2-dualpipev", "pp2xep2-dualpipe", "pp4-1f1b"],
+    ids=["pp1xep2-dualpipev", "pp2-dualpipev", "pp2xep2-dualpipe", "pp4-1f1b"],
 )
 def test_validation_runs_forward_only_and_matches_one_process(pool4, pool2, layout: dict[str, Any]) -> None:
     pool = pool2 if layout.get("pp", 1) * layout.get("ep", 1) == 2 else pool4
