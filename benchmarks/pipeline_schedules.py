@@ -15,8 +15,9 @@ wrap, whose loss is then the chunk's compiled cross-entropy as in ours. The code
 by design: the one device and torch's stages call each decoder layer whole (one compiled graph per
 layer), our runtime calls a layer's parts one at a time (compiled attention and mlp, eager dispatch
 and combine) so that FB can interleave two micro-batches. A compiled part has one backward graph for
-its input and weight gradients together, so an input-only B runs all of it and its W runs all of it
-again: where a schedule splits the backward (ZB1P, DualPipe(V)'s cooldown), B + W costs two BW.
+its input and weight gradients together: our runtime runs it whole at B (W is then empty); torch's
+split schedules run it at B and again at W (their B keeps the graph, so compiled backwards here
+donate no buffers).
 Compilation happens in the warm-up steps; a row that still compiled a graph during its timed steps is
 named under the tables.
 
@@ -27,11 +28,13 @@ events on GPUs (device time, no synchronisation inside the step) and the wall cl
 actions by wrapping its stage's forward_one_chunk, backward_one_chunk and backward_weight_one_chunk.
 
 Prediction table: the simulator (`lightning_dsv3.pipeline.simulate`) runs our schedule of the row's
-name with the action times measured in the same step, four ways, each adding one thing:
+name with the action times measured in the same step (`lightning_dsv3.pipeline.MeasuredCosts`), four
+ways, each adding one thing:
 
-  one median per kind  F, B, W, BW, FB each the median over every rank and chunk (what the
-                       PipelineTimeline callback does); unequal stages get one cost
-  per-stage medians    each action costs the median of its kind on its rank and chunk(s)
+  one median per kind  F, B, W, BW, FB each the median over every rank and chunk; unequal stages
+                       get one cost
+  per-stage medians    each action costs the median of its kind on its rank and chunk(s) (what the
+                       PipelineTimeline callback predicts with)
   + P2P                the same, each hop also taking the measured time of one transfer of a
                        micro-batch's hidden state (`p2p_seconds`, in the header)
   own times + P2P      each action costs its own measured duration: a replay of the step
@@ -65,25 +68,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
 from torch import nn
 
 from benchmarks.results_io import checked_step_args, markdown_table, microbatch_step_parser, write_result
-from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, parse_action
+from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, parse_action
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.pipeline.measured import MeasuredCosts, Recorded, medians_by_kind, step_durations
 from lightning_dsv3.pipeline.runtime import ActionClock, PipelineRuntime
-from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule, ScheduleError, make_schedule
+from lightning_dsv3.pipeline.schedules import PipelineSchedule, ScheduleError, make_schedule
 from lightning_dsv3.pipeline.simulate import Costs, simulate
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -100,7 +103,6 @@ FEEDINGS = {  # how the simulator is fed (see the module docstring) -> column he
     "replay+p2p": "own times + P2P",
 }
 TOKEN_SEED = 1234
-Recorded = list[tuple[str, float, float]]  # one rank's compute actions of a step: (action, start s, end s)
 
 
 class TorchStageModule(nn.Module):
@@ -165,74 +167,22 @@ class Bench:
         model.init_weights(0)
         model.to(device=self.device, dtype=self.dtype)
         if self.args.compile:
+            # torch's input-only backward keeps the graph for its weight backward, which a compiled
+            # backward that donated its saved buffers refuses
+            torch._functorch.config.donated_buffer = False
             model.compile_parts()
         return model
-
-
-class MeasuredCosts:
-    """The simulator's cost of each compute action, from one step's measured actions on every rank.
-
-    `typical`: an action costs the median of its kind on its rank and chunk(s), whatever its micro-batch;
-    otherwise its own measured duration. Schedule actions that ran in another form are costed by what
-    ran for them (module docstring): a fused B by its BW (its W then costs nothing), a split BW by its
-    B and W, an FB that ran as two actions by its F and its micro-batch's full backward.
-    """
-
-    def __init__(self, durations: list[dict[str, float]], typical: bool) -> None:
-        self.durations = durations  # per rank: action string -> seconds
-        self.typical = typical
-        self.medians = [_medians_by_stage(d) for d in durations]
-
-    def __call__(self, rank: int, action: Action) -> float:
-        name = str(action)
-        if name in self.durations[rank]:
-            return self._time(rank, name)
-        mb, chunk = action.mb, action.chunk
-        if action.op is Op.B:
-            return self._time(rank, f"BW({mb}.{chunk})")
-        if action.op is Op.W and f"BW({mb}.{chunk})" in self.durations[rank]:
-            return 0.0
-        if action.op is Op.BW:
-            return self._backward(rank, mb, chunk)
-        if action.op is Op.FB:
-            assert action.mb2 is not None and action.chunk2 is not None
-            return self._time(rank, f"F({mb}.{chunk})") + self._backward(rank, action.mb2, action.chunk2)
-        raise KeyError(f"rank {rank} recorded nothing that ran {name}")
-
-    def _time(self, rank: int, name: str) -> float:
-        if name not in self.durations[rank]:
-            raise KeyError(f"rank {rank} recorded no {name}")
-        return self.medians[rank][_stage_kind(name)] if self.typical else self.durations[rank][name]
-
-    def _backward(self, rank: int, mb: int, chunk: int) -> float:
-        """The full backward of (mb, chunk) as it ran: one BW, or a B and its W."""
-        if f"BW({mb}.{chunk})" in self.durations[rank]:
-            return self._time(rank, f"BW({mb}.{chunk})")
-        return self._time(rank, f"B({mb}.{chunk})") + self._time(rank, f"W({mb}.{chunk})")
-
-
-def _stage_kind(action: str) -> str:
-    """An action string without its micro-batches: "FB(4.0|1.1)" -> "FB(0|1)", the same work on a rank."""
-    return re.sub(r"(?<=[(|])\d+\.", "", action)
-
-
-def _medians_by_stage(durations: dict[str, float]) -> dict[str, float]:
-    groups: dict[str, list[float]] = defaultdict(list)
-    for name, seconds in durations.items():
-        groups[_stage_kind(name)].append(seconds)
-    return {kind: statistics.median(times) for kind, times in groups.items()}
 
 
 def predictions(
     schedule: PipelineSchedule, ranks: list[Recorded], p2p_s: float
 ) -> dict[str, tuple[float, float]]:
     """(step s, largest bubble share) the simulator gives `schedule` under each of FEEDINGS."""
-    bars = [[parse_action(*action) for action in actions] for actions in ranks]
-    durations = [{name: end - start for name, start, end in actions} for actions in ranks]
-    per_stage, own = MeasuredCosts(durations, typical=True), MeasuredCosts(durations, typical=False)
+    durations = step_durations(ranks)
+    per_stage, own = MeasuredCosts(durations, by="stage"), MeasuredCosts(durations, by="own")
     free, hop = Costs(f=0.0, b=0.0), Costs(f=0.0, b=0.0, p2p_latency=p2p_s)
     results = {
-        "kind": simulate(schedule, measured_costs(bars)[0]),
+        "kind": simulate(schedule, free, MeasuredCosts(durations, by="kind")),
         "stage": simulate(schedule, free, per_stage),
         "stage+p2p": simulate(schedule, hop, per_stage),
         "replay+p2p": simulate(schedule, hop, own),
@@ -334,7 +284,7 @@ def record(row: Row, ranks: list[Recorded], sim_schedule: PipelineSchedule | Non
     shares, _ = bubble_fractions(bars)
     row.bubble.append(max(shares))
     row.busy_s.append([sum(end - start for _, start, end in actions) for actions in ranks])
-    for op, t in measured_costs(bars)[1].items():
+    for op, t in medians_by_kind(step_durations(ranks)).items():
         row.action_ms.setdefault(op, []).append(t * 1e3)
     if sim_schedule is None:
         return

@@ -8,14 +8,17 @@ rank 0:
 - measures each rank's bubble fraction: 1 - busy / step time, where busy sums the rank's compute
   actions and the step time is the latest end on any rank (ranks enter a step together: the
   previous one ends with collectives). Waiting for P2P transfers counts as bubble;
-- times the same schedule with the simulator (`lightning_dsv3.pipeline.simulate`) under the median
-  measured duration of each action kind (F, the input backward B plus W as the full backward, W, FB),
-  which predicts the bubble that the schedule itself leaves with those costs and free transfers, so
-  the gap between the two is transfer time and uneven stages;
+- times the same schedule with the simulator (`lightning_dsv3.pipeline.simulate`), each action
+  costing the median measured duration of its kind on its own rank and chunk(s)
+  (`lightning_dsv3.pipeline.MeasuredCosts`: stages that do unequal work, such as DualPipeV's rank
+  with the embedding and the head, keep their own times; a B that ran fused with its W costs the BW).
+  That predicts the bubble that the schedule itself leaves with those costs and free transfers, so
+  the gap between the two is transfer time and the spread of one stage's actions over micro-batches;
 - draws both as one chart (measured above, predicted below, one row per rank, one colour per action
   kind, the second chunk of a rank lighter) to a PNG, sent to W&B as an image with a table;
 - logs `pipeline/bubble/rank{r}`, `pipeline/bubble_predicted/rank{r}`, `pipeline/step_ms`,
-  `pipeline/step_ms_predicted` and `pipeline/cost_ms/<op>` (the medians) to every logger.
+  `pipeline/step_ms_predicted` and `pipeline/cost_ms/<op>` (the median of each action kind over every
+  rank and chunk) to every logger.
 
 Without a pipeline runtime (Lightning's strategies, or pp = 1) there is nothing to draw: one warning.
 """
@@ -23,7 +26,6 @@ Without a pipeline runtime (Lightning's strategies, or pp = 1) there is nothing 
 from __future__ import annotations
 
 import re
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_dsv3.callbacks.report import PeriodicReport, gather, log_scalars, log_table, new_figure
+from lightning_dsv3.pipeline.measured import (
+    MeasuredCosts,
+    Recorded,
+    as_recorded,
+    medians_by_kind,
+    step_durations,
+)
 from lightning_dsv3.pipeline.schedules import PipelineSchedule
 from lightning_dsv3.pipeline.simulate import Costs, simulate
 
@@ -60,22 +69,6 @@ def parse_action(action: str, start: float, end: float) -> Bar:
     return Bar(op, mb if mb2 is None else f"{mb}|{mb2}", int(chunk), start, end)
 
 
-def measured_costs(ranks: list[list[Bar]]) -> tuple[Costs, dict[str, float]]:
-    """Simulator costs (seconds) from the median duration of each action kind, and those medians.
-
-    Medians, not means: one action stalled by the OS or the garbage collector would otherwise stretch
-    every action of its kind in the prediction.
-    """
-    durations: dict[str, list[float]] = defaultdict(list)
-    for bars in ranks:
-        for bar in bars:
-            durations[bar.op].append(bar.end - bar.start)
-    median = {op: statistics.median(d) for op, d in durations.items()}
-    w = median.get("W", 0.0)
-    b = median["B"] + w if "B" in median else median.get("BW", 0.0)  # Costs.b is the full backward
-    return Costs(f=median.get("F", 0.0), b=max(b, w), w=w, fb=median.get("FB")), median
-
-
 def bubble_fractions(ranks: list[list[Bar]]) -> tuple[list[float], float]:
     """Each rank's idle fraction of the step, and the step time (latest end on any rank)."""
     makespan = max((bar.end for bars in ranks for bar in bars), default=0.0)
@@ -84,13 +77,13 @@ def bubble_fractions(ranks: list[list[Bar]]) -> tuple[list[float], float]:
     return [1 - sum(b.end - b.start for b in bars) / makespan for bars in ranks], makespan
 
 
-def predicted(schedule: PipelineSchedule, costs: Costs) -> tuple[list[list[Bar]], list[float], float]:
-    """The simulator's chart, bubble fractions and step time for `schedule` under `costs`."""
-    result = simulate(schedule, costs)
-    ranks: list[list[Bar]] = [[] for _ in range(schedule.pp)]
-    for record in result.records:
-        if not record.action.op.is_comm:
-            ranks[record.rank].append(parse_action(str(record.action), record.start, record.end))
+def predicted(
+    schedule: PipelineSchedule, durations: list[dict[str, float]]
+) -> tuple[list[list[Bar]], list[float], float]:
+    """The simulator's chart, bubble fractions and step time for `schedule`, each action costing the
+    median of its kind on its rank and chunk(s) in a step's measured `durations` (`step_durations`)."""
+    result = simulate(schedule, Costs(f=0.0, b=0.0), MeasuredCosts(durations))  # Costs: free transfers
+    ranks = [[parse_action(*action) for action in actions] for actions in as_recorded(result)]
     span = result.makespan
     return ranks, [b / span if span > 0 else 0.0 for b in result.bubble], span
 
@@ -130,19 +123,20 @@ class PipelineTimeline(PeriodicReport):
                 self._warned = True
             return
         local = [(t.action, t.start_s, t.end_s) for t in runtime.timings]
-        ranks = [[parse_action(*t) for t in timings] for timings in gather(local, strategy.mesh.group("pp"))]
+        recorded = gather(local, strategy.mesh.group("pp"))
         if trainer.is_global_zero:
-            self._report(trainer, strategy.plan.schedule, ranks, step)
+            self._report(trainer, strategy.plan.schedule, recorded, step)
 
     def _report(
-        self, trainer: pl.Trainer, schedule: PipelineSchedule, ranks: list[list[Bar]], step: int
+        self, trainer: pl.Trainer, schedule: PipelineSchedule, recorded: list[Recorded], step: int
     ) -> None:
+        ranks = [[parse_action(*action) for action in actions] for actions in recorded]
         bubble, span = bubble_fractions(ranks)
         self.last_bubble = bubble
-        costs, medians = measured_costs(ranks)
-        sim_ranks, sim_bubble, sim_span = predicted(schedule, costs)
+        durations = step_durations(recorded)
+        sim_ranks, sim_bubble, sim_span = predicted(schedule, durations)
         metrics = {"pipeline/step_ms": span * 1e3, "pipeline/step_ms_predicted": sim_span * 1e3}
-        metrics.update({f"pipeline/cost_ms/{op}": t * 1e3 for op, t in medians.items()})
+        metrics.update({f"pipeline/cost_ms/{op}": t * 1e3 for op, t in medians_by_kind(durations).items()})
         for r, (measured, sim) in enumerate(zip(bubble, sim_bubble)):
             metrics[f"pipeline/bubble/rank{r}"] = measured
             metrics[f"pipeline/bubble_predicted/rank{r}"] = sim
@@ -189,9 +183,8 @@ def plot_timeline(
     fig = new_figure(12, 1.2 + 1.1 * len(ranks))
     top, bottom = fig.subplots(2, 1, sharex=True)
     _draw(top, ranks, bubble, span_ms, f"{title}: measured")
-    _draw(
-        bottom, sim_ranks, sim_bubble, span_ms, "simulated with the median measured time of each action kind"
-    )
+    sim_title = "simulated with the median measured time of each action kind on its rank and chunk"
+    _draw(bottom, sim_ranks, sim_bubble, span_ms, sim_title)
     bottom.set_xlabel("time in the step (ms)")
     shown = {b.op for bars in ranks for b in bars}
     handles = [Patch(color=colour, label=op) for op, colour in OP_COLOURS.items() if op in shown]

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,6 +48,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
+        self.parts_compiled = False  # set by `compile_parts`: a pipeline then runs each part's backward whole
         self.layer_ids = list(range(config.n_layers)) if layer_ids is None else list(layer_ids)
         bad = [i for i in self.layer_ids if not 0 <= i < config.n_layers]
         if bad:
@@ -104,17 +104,16 @@ class Transformer(nn.Module):
         logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it
         reads the bf16 logits and writes their gradient. `mode` is torch.compile's ("reduce-overhead"
         replays CUDA graphs).
-        Backward graphs compiled from here on, in the whole process, donate no buffers: the pipeline's
-        input-only backward (B) keeps a part's graph for its weight backward (W), and a compiled
-        backward that donated its saved buffers refuses `retain_graph=True`.
+        A compiled part is one backward node for its input and weight gradients together, so a
+        pipeline runs its backward whole where a schedule splits B from W (`parts_compiled`).
         """
-        torch._functorch.config.donated_buffer = False  # read when a graph compiles, at its first call
         parts_mode = None if mode in ("reduce-overhead", "max-autotune") else mode
         for block in self.all_blocks():
             block.compile(mode=mode)
             block.attention = torch.compile(block.attention, mode=parts_mode)  # type: ignore[method-assign]
             block.mlp = torch.compile(block.mlp, mode=parts_mode)  # type: ignore[method-assign]
         self.cross_entropy = torch.compile(_cross_entropy, mode=mode)
+        self.parts_compiled = True
 
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
         """h: (batch, seq, dim) last hidden state; tokens: (batch, seq + 1) -> LossOutput.

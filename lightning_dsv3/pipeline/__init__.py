@@ -1,5 +1,7 @@
-"""Pipeline parallelism: schedules as per-rank action lists and a simulator that times them."""
+"""Pipeline parallelism: schedules as per-rank action lists, a simulator that times them, and the
+simulator's costs from a measured step."""
 
+from lightning_dsv3.pipeline.measured import MeasuredCosts, as_recorded, medians_by_kind, step_durations
 from lightning_dsv3.pipeline.schedules import (
     GENERATORS,
     Action,
@@ -25,10 +27,12 @@ __all__ = [
     "Action",
     "ActionRecord",
     "Costs",
+    "MeasuredCosts",
     "Op",
     "PipelineSchedule",
     "ScheduleError",
     "SimResult",
+    "as_recorded",
     "check_batched_p2p",
     "dualpipe",
     "dualpipe_min_microbatches",
@@ -38,7 +42,9 @@ __all__ = [
     "insert_communication",
     "interleaved_1f1b",
     "make_schedule",
+    "medians_by_kind",
     "one_f_one_b",
     "simulate",
+    "step_durations",
     "zb1p",
 ]

@@ -55,6 +55,9 @@ class Tape:
     """The recorded forward of one (micro-batch, chunk); `backward_parts` walks it newest first."""
 
     parts: list[_Part] = field(default_factory=list)
+    # the chunk's parts are compiled: each is one backward node that computes input and weight gradients
+    # together, so a split backward would run it twice (B, then W); B runs it whole and W has nothing left
+    whole_backward: bool = False
     sources: dict[int, torch.Tensor] = field(default_factory=dict)  # id(leaf) -> the output it was cut from
     chunk_input: torch.Tensor | None = None  # the received hidden state (None on the first stage)
     output: torch.Tensor | None = None  # the hidden state sent on, or the scaled loss
@@ -74,6 +77,7 @@ class Tape:
 
         Gradients flow between parts through a map from each cut output to its gradient.
         """
+        split = split and not self.whole_backward
         grads: dict[int, torch.Tensor] = {}
         if grad_output is not None:
             grads[id(self.output)] = grad_output
@@ -231,6 +235,7 @@ def forward_parts(
     `first_input` is the received hidden state, or the token ids on the first stage. `params` keeps
     each part's parameter list between calls (the caller empties it when parameters may change).
     """
+    tape.whole_backward = chunk.parts_compiled
     if is_first:
         with streams.part(COMPUTE, chain, "embed"):
             h = chunk.embed_tokens(first_input)

@@ -9,7 +9,9 @@ Every forward is recorded part by part (see `overlap.py`), so backwards run part
 overlapped FB action interleaves one micro-batch's forward with another's backward, and backward for
 inputs (B) and for weights (W) are split per part (B keeps the part's graph, W walks it again for
 the weights). A B followed at once by its own W (stage 0, whose input gradient nobody waits for) runs
-as one full backward and is recorded as BW: the split would only walk the graphs twice.
+as one full backward and is recorded as BW: the split would only walk the graphs twice. A compiled
+chunk's B runs whole too (its W is then empty): each compiled part is one backward node that computes
+input and weight gradients together, so splitting would run it twice.
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.

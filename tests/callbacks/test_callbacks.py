@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +12,19 @@ from callback_checks import OVERRIDES, PEAK_FLOPS, SEQ, csv_metrics, fit
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightning_dsv3.callbacks import CommunicationStats, MemoryProfiler
-from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, measured_costs, parse_action, predicted
+from lightning_dsv3.callbacks import CommunicationStats, MemoryProfiler, PipelineTimeline
+from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, parse_action, predicted
 from lightning_dsv3.config import ParallelConfig, get_preset
 from lightning_dsv3.flops import train_flops
-from lightning_dsv3.pipeline import Costs, dualpipev, simulate
+from lightning_dsv3.pipeline import (
+    Costs,
+    MeasuredCosts,
+    as_recorded,
+    dualpipev,
+    medians_by_kind,
+    simulate,
+    step_durations,
+)
 from lightning_dsv3.plan import recommend
 
 BATCH = 8
@@ -145,23 +154,38 @@ def test_communication_stats_logs_the_strategy_dict_every_n_steps(tmp_path: Path
 
 
 def test_measured_timeline_round_trips_through_the_simulator() -> None:
-    """Bars taken from a simulated DualPipeV step give back its costs and its bubble fractions."""
+    """Actions taken from a simulated DualPipeV step give back its costs and its bubble fractions."""
     schedule = dualpipev(2, 4)
-    costs = Costs(f=1.0, b=2.0, w=0.5, fb=2.5)
-    sim = simulate(schedule, costs)
-    ranks: list[list[Bar]] = [[] for _ in range(schedule.pp)]
-    for record in sim.records:
-        if not record.action.op.is_comm:
-            ranks[record.rank].append(parse_action(str(record.action), record.start, record.end))
-    measured, medians = measured_costs(ranks)
-    assert measured == costs
-    assert medians["B"] == pytest.approx(1.5)
-    bubble, span = bubble_fractions(ranks)
+    sim = simulate(schedule, Costs(f=1.0, b=2.0, w=0.5, fb=2.5))
+    recorded = as_recorded(sim)
+    durations = step_durations(recorded)
+    assert medians_by_kind(durations) == pytest.approx({"F": 1.0, "B": 1.5, "W": 0.5, "BW": 2.0, "FB": 2.5})
+    bubble, span = bubble_fractions([[parse_action(*action) for action in actions] for actions in recorded])
     assert span == sim.makespan
     assert bubble == pytest.approx([b / sim.makespan for b in sim.bubble])
-    _, sim_bubble, sim_span = predicted(schedule, measured)
+    _, sim_bubble, sim_span = predicted(schedule, durations)
     assert (sim_bubble, sim_span) == (pytest.approx(bubble), span)
     assert parse_action("FB(4.0|1.1)", 0.0, 1.0) == Bar("FB", "4|1", 0, 0.0, 1.0)
+
+
+def test_timeline_predicts_a_step_of_unequal_stages(tmp_path: Path) -> None:
+    """Rank 1's actions take twice as long, as where stages do unequal work (DualPipeV on mini): the
+    logged prediction, from each rank and chunk's medians, is the measured step; one median per kind
+    over every rank would fall short of it."""
+    schedule = dualpipev(2, 8)
+    costs = Costs(f=1.0, b=2.5, w=1.0, fb=3.0)
+    sim = simulate(schedule, costs, lambda rank, action: costs.of(action.op) * (1 + rank))
+    recorded = as_recorded(sim)
+    logger = CSVLogger(tmp_path)
+    trainer, timeline = SimpleNamespace(loggers=[logger]), PipelineTimeline(dirpath=tmp_path / "timeline")
+    timeline.setup(trainer, None, "fit")
+    timeline._report(trainer, schedule, recorded, step=1)
+    assert timeline.last_path == tmp_path / "timeline" / "timeline_step000001.png"
+    (row,) = csv_metrics(logger)
+    assert float(row["pipeline/step_ms"]) == pytest.approx(sim.makespan * 1e3)
+    assert float(row["pipeline/step_ms_predicted"]) == pytest.approx(sim.makespan * 1e3)
+    per_kind = MeasuredCosts(step_durations(recorded), by="kind")
+    assert simulate(schedule, Costs(f=0.0, b=0.0), per_kind).makespan < 0.9 * sim.makespan
 
 
 @pytest.mark.gpu

@@ -91,3 +91,35 @@ def test_split_backward_equals_full_backward_bit_for_bit() -> None:
     assert split.keys() == full.keys() and len(split) > 10
     for name in split:
         assert torch.equal(split[name], full[name]), name
+
+
+def test_a_compiled_chunk_runs_its_split_backward_whole() -> None:
+    """A compiled part is one backward node for input and weight gradients: B runs it whole (every weight
+    gradient is there after B, W has nothing left) and the gradients are the eager ones."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 8, CONFIG.dim, generator=gen)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=gen)
+    grad_out = torch.randn(2, 8, CONFIG.dim, generator=gen)
+    grads = []
+    for compiled in (False, True):
+        chunk = Transformer(CONFIG, [1, 2], with_embedding=False, with_head=False)
+        chunk.init_weights(0)
+        if compiled:
+            chunk.compile_parts()
+        tape, streams = Tape(), Streams(torch.device("cpu"))
+        parts = forward_parts(
+            chunk, tape, hidden.requires_grad_(True), tokens, False, False, _loss, 1.0, streams, Chain()
+        )
+        for _ in parts:
+            pass
+        for _ in tape.backward_parts(grad_out, True, streams, Chain()):
+            pass
+        after_b = {n: p.grad for n, p in chunk.named_parameters() if p.grad is not None}
+        assert all(part.weight_work is None for part in tape.parts) is compiled
+        if compiled:
+            assert len(after_b) == sum(1 for _ in chunk.parameters())
+        tape.backward_weights()
+        grads.append({n: p.grad for n, p in chunk.named_parameters()})
+    eager, compiled_grads = grads
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
