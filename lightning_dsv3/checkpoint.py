@@ -95,9 +95,27 @@ def _model_copies(module: nn.Module) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def _load_copies(path: Path, copies: dict[str, list[torch.Tensor]]) -> None:
+class _IndexedReader(dcp.FileSystemReader):
+    """A checkpoint folder's reader that reads DCP's index (`.metadata`) once: the verification, the
+    check of names and shapes and each `dcp.load` of a resume ask for it (five reads per rank before)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self._index: Any = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("rank") is not None:  # a rank-local index (not what this package writes): as is
+            return super().read_metadata(*args, **kwargs)
+        if self._index is None:
+            self._index = super().read_metadata(*args, **kwargs)
+        self._index.storage_meta.load_id = self.load_id  # as a fresh read would stamp it
+        return self._index
+
+
+def _load_copies(reader: _IndexedReader, copies: dict[str, list[torch.Tensor]]) -> None:
     """Load each stored entry into the first local copy and copy it into the others."""
-    dcp.load({key: tensors[0] for key, tensors in copies.items()}, checkpoint_id=str(path))
+    reader.reset()  # a new load id, as dcp.load gives a reader it is handed with a checkpoint_id
+    dcp.load({key: tensors[0] for key, tensors in copies.items()}, storage_reader=reader)
     for tensors in copies.values():
         for other in tensors[1:]:
             other.copy_(tensors[0])
@@ -257,6 +275,11 @@ def verify(path: Path) -> dict[str, Any]:
     checkpoint or is newer than this code, and CorruptCheckpointError naming the file that is
     missing, unreadable or truncated.
     """
+    return _verified(path)[0]
+
+
+def _verified(path: Path) -> tuple[dict[str, Any], _IndexedReader]:
+    """`verify`, also returning the folder's reader with the index it read."""
     if not (path.exists() or path.is_symlink()):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.is_dir():
@@ -281,8 +304,9 @@ def verify(path: Path) -> dict[str, Any]:
         )
     if not index_file.is_file():
         raise CorruptCheckpointError(index_file, "is missing (DCP's index of the stored tensors)")
+    reader = _IndexedReader(path)
     try:
-        index = dcp.FileSystemReader(str(path)).read_metadata()
+        index = reader.read_metadata()
     except Exception as err:
         raise CorruptCheckpointError(index_file, f"cannot be read ({type(err).__name__}: {err})") from err
     needed: dict[str, int] = {}
@@ -296,7 +320,7 @@ def verify(path: Path) -> dict[str, Any]:
         size = shard.stat().st_size
         if size < end:
             raise CorruptCheckpointError(shard, f"is truncated: {size} bytes, {INDEX_FILE} needs {end}")
-    return meta
+    return meta, reader
 
 
 def _step_of(meta: dict[str, Any]) -> int:
@@ -355,8 +379,8 @@ def load(
     The folder is verified first; a checkpoint of another model (a name this model needs is absent,
     or stored with another shape) is refused with the config fields that differ.
     """
-    meta = verify(path)
-    index = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    meta, reader = _verified(path)
+    index = reader.read_metadata().state_dict_metadata
     entries = _model_copies(module)
     missing = sorted(k for k in entries if k not in index)
     reshaped = sorted(
@@ -381,9 +405,9 @@ def load(
             "the module with the checkpoint's preset and model_overrides"
         )
     try:
-        _load_copies(path, entries)
+        _load_copies(reader, entries)
         if reducer is not None:
-            _load_optimizer(path, module, reducer, index)
+            _load_optimizer(reader, module, reducer, index)
             _restore_param_groups(reducer.optimizer, meta, path)
     except (RuntimeError, OSError, EOFError, CheckpointException) as err:
         raise CorruptCheckpointError(
@@ -400,7 +424,9 @@ def _config_diff(stored: dict[str, Any], config: ModelConfig) -> str:
     )
 
 
-def _load_optimizer(path: Path, module: nn.Module, reducer: GradientReducer, stored: dict[str, Any]) -> None:
+def _load_optimizer(
+    reader: _IndexedReader, module: nn.Module, reducer: GradientReducer, stored: dict[str, Any]
+) -> None:
     offsets = _expert_offsets(module)
     targets: dict[str, list[torch.Tensor]] = {}
     plan: list[tuple[str, nn.Parameter, str, torch.Tensor]] = []  # (param name, param, state key, buffer)
@@ -423,7 +449,7 @@ def _load_optimizer(path: Path, module: nn.Module, reducer: GradientReducer, sto
                 plan.append((name, p, state_key, buf))
     if not targets:
         return
-    _load_copies(path, targets)
+    _load_copies(reader, targets)
     states: dict[str, dict[str, torch.Tensor]] = {}
     for name, _, state_key, buf in plan:
         states.setdefault(name, {})[state_key] = buf

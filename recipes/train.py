@@ -31,10 +31,10 @@ from lightning_dsv3.module import DeepSeekV3Module
 from lightning_dsv3.plan import (
     GPUS,
     PRECISIONS,
-    PUBLISHED_GPU_HOURS_PER_T_TOKENS,
     ClusterPlan,
     format_plan,
-    plan_cluster,
+    plan_runnable,
+    published_hours,
 )
 
 # Lightning precision names the planner spells otherwise (fp16 mixed keeps the bytes of bf16 mixed)
@@ -117,18 +117,12 @@ def plan_of(config: Namespace) -> ClusterPlan:
         zero=layout.get("zero", True),
         max_nodes_per_token=layout.get("max_nodes_per_token") if ep > gpu.gpus_per_node else None,
     )  # fmt: skip
-    plan = plan_cluster(**kwargs, timed_implementation="this")
-    if not plan.fits("this"):  # time what could run: DeepSeek's memory techniques, as the planner's CLI does
-        plan = plan_cluster(**kwargs, timed_implementation="deepseek")
-    return plan
+    return plan_runnable(**kwargs)
 
 
 def plan_text(config: Namespace) -> str:
     """The plan of a parsed fit config as the planner prints it (with the published figure for v3-671b)."""
-    published = None
-    if (config.model.preset, config.plan.gpu) == ("v3-671b", "h800"):
-        published = PUBLISHED_GPU_HOURS_PER_T_TOKENS
-    return format_plan(plan_of(config), published)
+    return format_plan(plan_of(config), published_hours(config.model.preset, config.plan.gpu))
 
 
 def main(args: Sequence[str] | None = None) -> DSV3CLI:

@@ -66,6 +66,8 @@ from lightning_dsv3.plan.cluster import (
     format_plan,
     format_search,
     plan_cluster,
+    plan_runnable,
+    published_hours,
     search_layouts,
 )
 from lightning_dsv3.plan.memory import (
@@ -108,6 +110,8 @@ __all__ = [
     "memory_plan",
     "peak_live_bytes",
     "plan_cluster",
+    "plan_runnable",
+    "published_hours",
     "recommend",
     "search_layouts",
     "stage_plan",

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from lightning_dsv3.config import CHECKPOINTING, get_preset
 from lightning_dsv3.plan.activations import IMPLEMENTATIONS, PRECISIONS
 from lightning_dsv3.plan.cluster import (
-    PUBLISHED_GPU_HOURS_PER_T_TOKENS,
     SEARCH_SCHEDULES,
     format_plan,
     format_search,
-    plan_cluster,
+    plan_runnable,
+    published_hours,
     search_layouts,
 )
 from lightning_dsv3.plan.timing import GPUS, Efficiency
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config, gpu = get_preset(args.preset), GPUS[args.gpu]
     eff = Efficiency(gemm=args.gemm_efficiency, attention=args.attention_efficiency)
-    published = PUBLISHED_GPU_HOURS_PER_T_TOKENS if (args.preset, args.gpu) == ("v3-671b", "h800") else None
+    published = published_hours(args.preset, args.gpu)
     if args.search:
         impl = "this" if args.implementation == "auto" else args.implementation
         batch = (args.global_batch, args.seq_len, args.micro_batch)
@@ -77,10 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         micro_batch_size=args.micro_batch, checkpointing=args.checkpointing, zero=not args.no_zero,
         max_nodes_per_token=args.max_nodes_per_token if spans_nodes else None, efficiency=eff,
     )  # fmt: skip
-    plan = plan_cluster(**kwargs, timed_implementation="this")
-    if args.implementation == "deepseek" or (args.implementation == "auto" and not plan.fits("this")):
-        plan = plan_cluster(**kwargs, timed_implementation="deepseek")
-    print(format_plan(plan, published))
+    print(format_plan(plan_runnable(args.implementation, **kwargs), published))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_dsv3.config import ModelConfig, ParallelConfig
 from lightning_dsv3.pipeline.schedules import dualpipe_min_microbatches, dualpipev_min_microbatches
@@ -101,6 +102,20 @@ def plan_cluster(
         config, parallel, gpu, micro_batch_size, seq_len, precision, checkpointing, memory, comm, time, eff,
         timed_implementation,
     )  # fmt: skip
+
+
+def plan_runnable(implementation: str = "auto", **kwargs: Any) -> ClusterPlan:
+    """`plan_cluster(**kwargs)` timed with `implementation`'s memory profile; "auto" times this code's
+    where it fits and DeepSeek's techniques otherwise (time what could run)."""
+    if implementation != "auto":
+        return plan_cluster(**kwargs, timed_implementation=implementation)
+    plan = plan_cluster(**kwargs, timed_implementation="this")
+    return plan if plan.fits("this") else plan_cluster(**kwargs, timed_implementation="deepseek")
+
+
+def published_hours(preset: str, gpu: str) -> float | None:
+    """DeepSeek's published GPU hours per trillion tokens where the plan is of their run, else None."""
+    return PUBLISHED_GPU_HOURS_PER_T_TOKENS if (preset, gpu) == ("v3-671b", "h800") else None
 
 
 def activation_shares(rank: RankMemory) -> list[tuple[str, float]]:

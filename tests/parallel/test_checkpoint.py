@@ -64,3 +64,27 @@ def test_one_rank_v_checkpoint_resumes_without_the_v(pool1, tmp_path) -> None:
     assert r["state"].keys() == uninterrupted["state"].keys()
     for key, value in r["state"].items():
         torch.testing.assert_close(value, uninterrupted["state"][key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_a_resume_reads_the_index_once(saved, monkeypatch) -> None:
+    """Verification, the name and shape check and both dcp.loads of a resume share one read of DCP's
+    index (a large checkpoint's `.metadata` is read by every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_dsv3 import checkpoint as ckpt
+
+    path, _ = saved
+    reads: list[Path] = []
+    read = dcp.FileSystemReader.read_metadata
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.path)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(dcp.FileSystemReader, "read_metadata", counted)
+    meta, reader = ckpt._verified(path)
+    for _ in range(2):  # what each dcp.load of `load` does with the reader
+        reader.reset()
+        index = reader.read_metadata()
+    assert len(reads) == 1
+    assert meta["dsv3"]["format_version"] >= 1 and index.state_dict_metadata
