@@ -167,9 +167,6 @@ class Bench:
         model.init_weights(0)
         model.to(device=self.device, dtype=self.dtype)
         if self.args.compile:
-            # torch's input-only backward keeps the graph for its weight backward, which a compiled
-            # backward that donated its saved buffers refuses
-            torch._functorch.config.donated_buffer = False
             model.compile_parts()
         return model
 
@@ -500,6 +497,10 @@ def main() -> None:
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run (empty: none)")
     parser.add_argument("--torch", default=",".join(TORCH), help=f"torch's schedules among {sorted(TORCH)}")
     args = checked_step_args(parser)
+    if args.compile:
+        # torch's input-only backward keeps the graph for its weight backward, which a compiled
+        # backward that donated its saved buffers refuses (ours runs a compiled part's backward whole)
+        torch._functorch.config.donated_buffer = False
 
     cuda = torch.cuda.is_available()
     if cuda:
