@@ -15,9 +15,10 @@ wrap, whose loss is then the chunk's compiled cross-entropy as in ours. The code
 by design: the one device and torch's stages call each decoder layer whole (one compiled graph per
 layer), our runtime calls a layer's parts one at a time (compiled attention and mlp, eager dispatch
 and combine) so that FB can interleave two micro-batches. A compiled part has one backward graph for
-its input and weight gradients together: our runtime runs it whole at B (W is then empty); torch's
-split schedules run it at B and again at W (their B keeps the graph, so compiled backwards here
-donate no buffers).
+its input and weight gradients together: our runtime runs it whole at B (W is then empty). torch's
+split-backward schedules (ZBV, DualPipeV) cannot run compiled stages at all (their weight backward
+reads autograd metadata a compiled node lacks; measured on torch 2.11), so `--compile` runs torch's
+1F1B only and refuses the others.
 Compilation happens in the warm-up steps; a row that still compiled a graph during its timed steps is
 named under the tables.
 
@@ -72,18 +73,20 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch._functorch.config
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.results_io import checked_step_args, markdown_table, microbatch_step_parser, write_result
 from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, parse_action
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.pipeline.costs import StageCosts, measure_stage_costs
 from lightning_dsv3.pipeline.measured import MeasuredCosts, Recorded, medians_by_kind, step_durations
 from lightning_dsv3.pipeline.runtime import ActionClock, PipelineRuntime
 from lightning_dsv3.pipeline.schedules import PipelineSchedule, ScheduleError, make_schedule
@@ -96,6 +99,8 @@ TORCH = {  # our name -> torch.distributed.pipelining class, V-shaped (two stage
     "zbv": ("ScheduleZBVZeroBubble", True),
     "dualpipev": ("ScheduleDualPipeV", True),
 }
+# torch's schedules that split a stage's backward into input and weight gradients
+TORCH_SPLIT_BACKWARD = {"zbv", "dualpipev"}
 FEEDINGS = {  # how the simulator is fed (see the module docstring) -> column header
     "kind": "one median per kind",
     "stage": "per-stage medians",
@@ -149,6 +154,7 @@ class Bench:
     device: torch.device
     dtype: Any
     p2p_s: float  # one hop of one micro-batch's hidden state
+    costs: StageCosts | None = None  # measured (--cut measured), else the FLOP model cuts the stages
 
     def clock(self) -> ActionClock:
         return ActionClock(self.device)
@@ -156,7 +162,7 @@ class Bench:
     def chunks(self, schedule: PipelineSchedule, rank: int) -> list[Transformer]:
         """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values
         (and compiled with --compile)."""
-        plan = StagePlan.build(self.config, schedule, self.args.seq_len)
+        plan = StagePlan.build(self.config, schedule, self.args.seq_len, self.costs)
         return [
             self.prepare(Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head))
             for spec in plan.chunks_of(rank)
@@ -273,6 +279,29 @@ def measure(
             row.step_s.append(step_s)
             record(row, ranks, sim_schedule, bench.p2p_s)
     row.late_graphs = int(slowest(compiled_graphs() - graphs, device))
+    if args.trace:
+        trace_step(
+            step,
+            modules,
+            device,
+            Path(args.trace) / f"{row.impl}-{row.schedule}-rank{dist.get_rank()}.json.gz",
+        )
+
+
+def trace_step(
+    step: Callable[[], list[torch.Tensor]], modules: list[nn.Module], device: torch.device, path: Path
+) -> None:
+    """One more step, untimed, under torch.profiler: this rank's Chrome trace (host ops and kernels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    dist.barrier()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    prof.export_chrome_trace(str(path))
 
 
 def record(row: Row, ranks: list[Recorded], sim_schedule: PipelineSchedule | None, p2p_s: float) -> None:
@@ -468,7 +497,20 @@ def prediction_table(rows: list[Row]) -> str:
     return markdown_table(header, table)
 
 
-def report(rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float) -> None:
+def cut_text(costs: StageCosts | None) -> str:
+    """How the stages were cut, for the header."""
+    if costs is None:
+        return "stages cut by the FLOP model"
+    layers = " / ".join(str(t) for t in sorted({round(c * 1e3, 2) for c in costs.layers}))
+    return (
+        f"stages cut by times measured on rank 0 (pipeline.costs): layer {layers} ms, head "
+        f"{costs.head * 1e3:.2f} ms, embedding {costs.embed * 1e3:.2f} ms"
+    )
+
+
+def report(
+    rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float, costs: StageCosts | None = None
+) -> None:
     tokens = args.n_microbatches * args.micro_batch * args.seq_len
     compiled = "each chunk and the one-device model compiled (compile_parts, default mode)"
     late = [f"{r.impl} {r.schedule} ({r.late_graphs})" for r in rows if r.late_graphs]
@@ -477,9 +519,10 @@ def report(rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float) 
         f"preset {args.preset} (MTP off), pp={world} (one pipeline rank per process), "
         f"{args.n_microbatches} micro-batches of {args.micro_batch} x {args.seq_len} tokens per step, "
         f"{args.steps} timed steps after {args.warmup} warm-up; forward and backward only; "
-        f"{compiled if args.compile else 'eager'}. Bubble: the largest share of the step one rank spent "
-        "outside its compute actions; vs one device: against the whole model on one device running the "
-        "same micro-batches. Action times are medians in ms (B: input gradient only; BW: full backward)."
+        f"{compiled if args.compile else 'eager'}; {cut_text(costs)}. Bubble: the largest share of the "
+        "step one rank spent outside its compute actions; vs one device: against the whole model on one "
+        "device running the same micro-batches. Action times are medians in ms (B: input gradient only; "
+        "BW: full backward)."
         "\n\n" + speed_table(rows, tokens) + "\n\n"
         "The simulator on our schedule of each row's name with the action times measured in the same step "
         "(medians over steps; ZBV has no counterpart in our schedule IR); the error is predicted / measured "
@@ -492,15 +535,46 @@ def report(rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float) 
     write_result(f"pipeline_schedules-{args.preset}-pp{world}{'-compile' if args.compile else ''}", body)
 
 
+def measured_costs(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> StageCosts:
+    """Rank 0's measured stage costs, on every rank (each rank's own would differ by noise)."""
+    costs: list[StageCosts | None] = [None]
+    if dist.get_rank() == 0:
+        precision = "bf16-true" if device.type == "cuda" else "32-true"
+        costs[0] = measure_stage_costs(
+            config, device, args.micro_batch, args.seq_len, precision, args.compile
+        )
+    dist.broadcast_object_list(costs, src=0)
+    assert costs[0] is not None
+    return costs[0]
+
+
 def main() -> None:
     parser = microbatch_step_parser(__doc__)
     parser.add_argument("--ours", default=",".join(OURS), help="our schedules to run (empty: none)")
-    parser.add_argument("--torch", default=",".join(TORCH), help=f"torch's schedules among {sorted(TORCH)}")
+    parser.add_argument(
+        "--torch",
+        default=None,
+        help=f"torch's schedules among {sorted(TORCH)} (default: all; with --compile, those not in "
+        f"{sorted(TORCH_SPLIT_BACKWARD)})",
+    )
+    parser.add_argument(
+        "--cut",
+        choices=["flops", "measured"],
+        default="flops",
+        help="cut the stages by the FLOP model or by times measured on rank 0's device (pipeline.costs)",
+    )
+    parser.add_argument("--trace", default=None, help="a directory: one more step per row, traced per rank")
     args = checked_step_args(parser)
-    if args.compile:
-        # torch's input-only backward keeps the graph for its weight backward, which a compiled
-        # backward that donated its saved buffers refuses (ours runs a compiled part's backward whole)
-        torch._functorch.config.donated_buffer = False
+    if args.torch is None:
+        args.torch = ",".join(n for n in TORCH if not (args.compile and n in TORCH_SPLIT_BACKWARD))
+    refused = sorted(set(filter(None, args.torch.split(","))) & TORCH_SPLIT_BACKWARD) if args.compile else []
+    if refused:
+        parser.error(
+            f"torch's {', '.join(refused)} cannot run compiled stages: its weight backward "
+            "(stage_backward_weight) reads per-input metadata from each autograd node, which a compiled "
+            "graph's backward node does not expose (torch 2.11: RuntimeError \"Attribute '_input_metadata' "
+            'is invalid"). Run them without --compile, or pass --torch 1f1b'
+        )
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -513,14 +587,15 @@ def main() -> None:
     batch = args.n_microbatches * args.micro_batch
     tokens = torch.randint(0, config.vocab_size, (batch, args.seq_len + 1), generator=gen).to(device)
 
-    bench = Bench(config, tokens, args, device, dtype, p2p_seconds(config, args, device, dtype))
+    costs = measured_costs(config, args, device) if args.cut == "measured" else None
+    bench = Bench(config, tokens, args, device, dtype, p2p_seconds(config, args, device, dtype), costs)
     rows = [run_one_device(bench)]
     for name in filter(None, args.ours.split(",")):
         rows.append(run_ours(name, bench))
     for name in filter(None, args.torch.split(",")):
         rows.append(run_torch(name, bench))
     if dist.get_rank() == 0:
-        report(rows, args, dist.get_world_size(), bench.p2p_s)
+        report(rows, args, dist.get_world_size(), bench.p2p_s, bench.costs)
     dist.barrier()
     dist.destroy_process_group()
 

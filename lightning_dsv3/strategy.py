@@ -50,6 +50,7 @@ from lightning_dsv3.parallel.expert import is_expert_param
 from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
 from lightning_dsv3.parallel.telemetry import Link
 from lightning_dsv3.parallel.zero import GradientReducer, ReduceGroup
+from lightning_dsv3.pipeline.costs import StageCosts
 from lightning_dsv3.pipeline.runtime import PipelineRuntime, forward_schedule
 from lightning_dsv3.pipeline.schedules import make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan, TiedCopies
@@ -88,8 +89,9 @@ class DSV3Strategy(ParallelStrategy):
         max_nodes_per_token: node-limited routing, each token's experts on at most this many nodes.
         bucket_bytes: cap on a gradient bucket (None: chosen by the network probe, or no cap).
         layer_costs: with a pipeline (pp = 1 V included): one cost per decoder layer (e.g. measured
-            milliseconds) to cut the stages by, instead of the FLOP model
-            (`lightning_dsv3.pipeline.partition`).
+            milliseconds), or the `StageCosts` that `lightning_dsv3.pipeline.costs.measure_stage_costs`
+            times on the device (layers, head and embedding), to cut the stages by instead of the FLOP
+            model (`lightning_dsv3.pipeline.partition`). Every rank takes rank 0's cut.
         probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
             dispatch compression pays (None: on GPUs only).
         start_method: how `devices=N` processes start on one machine when no launcher made them:
@@ -123,7 +125,7 @@ class DSV3Strategy(ParallelStrategy):
         hierarchical_dispatch: bool | None = None,
         bucket_bytes: int | None = None,
         probe_network: bool | None = None,
-        layer_costs: list[float] | None = None,
+        layer_costs: list[float] | StageCosts | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -231,10 +233,20 @@ class DSV3Strategy(ParallelStrategy):
             kwargs["store"] = store
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.mesh = build_mesh(self.parallel_config, self.world_size, device_type_of(self.root_device))
+        if self.plan is not None and self._layer_costs is not None:
+            self._adopt_rank_zero_cut(self.plan)
         if self._timeout is not None and self.mesh.device_mesh is not None:
             faults.set_group_timeouts(
                 (self.mesh.group(g) for g in ("pp", "dp", "ep", "dp_ep")), self._timeout
             )
+
+    def _adopt_rank_zero_cut(self, plan: StagePlan) -> None:
+        """Costs measured in each process differ by noise, and a cut that differs between ranks would
+        build mismatched stages: every rank takes rank 0's layer ranges."""
+        layers = [[(r.start, r.stop) for r in plan.layers]]
+        with collective("the stage cut's broadcast", None, "world"):
+            dist.broadcast_object_list(layers, src=0)
+        plan.layers = [range(start, stop) for start, stop in layers[0]]
 
     def _validate(self, world_size: int) -> None:
         """Every check that needs no process group: the mesh against the world, the model and the data."""

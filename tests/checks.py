@@ -13,6 +13,7 @@ from lightning_dsv3.checkpoint import canonical_name
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model import Transformer
 from lightning_dsv3.module import DeepSeekV3Module, decay_groups
+from lightning_dsv3.pipeline.costs import StageCosts
 from lightning_dsv3.strategy import DSV3Strategy
 
 SEQ = 16
@@ -154,7 +155,20 @@ def strategy_run(
         "comm": strategy.communication_stats(),
         "early_launches": strategy.reducer.early_launches,
         "actions": [t.action for t in strategy.runtime.timings] if strategy.runtime is not None else [],
+        "stage_layers": [(r.start, r.stop) for r in strategy.plan.layers]
+        if strategy.plan is not None
+        else [],
     }
+
+
+def rank_costs_run(layout: dict[str, Any], steps: int, global_batch: int, optim: str) -> dict[str, Any]:
+    """`strategy_run` where each rank measured different layer costs (rank 0: a costly first layer)."""
+    import torch.distributed as dist
+
+    n_layers = _Module(optim).config.n_layers
+    first = 100.0 if dist.get_rank() == 0 else 1.0
+    costs = StageCosts(layers=(first,) + (1.0,) * (n_layers - 1), head=1.0)
+    return strategy_run({**layout, "layer_costs": costs}, steps, global_batch, optim)
 
 
 class _SaveAt(L.Callback):
@@ -235,7 +249,11 @@ def _check_grads(grads: dict[str, Any], ref: dict[str, torch.Tensor], ep_rank: i
 def check_layout(
     pool, layout: dict[str, Any], ref: dict[str, Any], optim: str = "sgd"
 ) -> list[dict[str, Any]]:
-    results = pool.run(strategy_run, layout, STEPS, GLOBAL_BATCH, optim)
+    return check_results(pool.run(strategy_run, layout, STEPS, GLOBAL_BATCH, optim), ref)
+
+
+def check_results(results: list[dict[str, Any]], ref: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's losses, gradients and parameters equal the one-process reference's."""
     for r in results:
         _check_grads(r["grads"], ref["grads"], r["ep_rank"], r["ep"])
         _check_state(r["state1"], ref["state1"], r["ep_rank"], r["ep"])

@@ -97,8 +97,9 @@ def _check_allocations(results: list[dict[str, Any]], layout: dict[str, Any], wo
             assert abs(r[name] - value) <= padding, (name, r[name], value)
 
 
-def _tape_bytes(config: Any, spec: ChunkSpec) -> tuple[int, dict[int, float]]:
-    """What one pipelined micro-batch keeps: autograd's saved tensors and the tape's cut tensors."""
+def _tape_bytes(config: Any, spec: ChunkSpec, part_wise: bool = True) -> tuple[int, dict[int, float]]:
+    """What one pipelined micro-batch keeps: autograd's saved tensors and the tape's cut tensors
+    (recorded part by part, as under an FB, or whole, as every other forward)."""
     batch = 4
     chunk = Transformer(config, spec.layer_ids, spec.with_embedding, spec.with_head)
     chunk.init_weights(0)
@@ -110,7 +111,7 @@ def _tape_bytes(config: Any, spec: ChunkSpec) -> tuple[int, dict[int, float]]:
     with saved_storages(chunk) as saved:
         steps = forward_parts(
             chunk, tape, hidden, tokens, False, spec.with_head, lambda c, h, t: c.loss(h, t), 1.0,
-            Streams(torch.device("cpu")), Chain(),
+            Streams(torch.device("cpu")), Chain(), whole=not part_wise,
         )  # fmt: skip
         for _ in steps:
             pass
@@ -132,6 +133,21 @@ def test_a_pipelined_micro_batch_keeps_what_the_plan_says(option: str, with_head
         config, spec, 4, SEQ, "32-true", kernels, expert_imbalance=imbalance, pipelined=True
     )
     assert sum(items.values()) == measured
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["middle-stage", "last-stage"])
+def test_a_whole_recorded_micro_batch_keeps_no_cut_tensors(with_head: bool) -> None:
+    """A forward no FB interleaves is one graph: what autograd saves and the stage output, nothing cut."""
+    config = get_preset("debug", max_seq_len=SEQ, original_seq_len=SEQ)
+    spec = ChunkSpec(1, (2, 3), False, with_head)
+    measured, imbalance = _tape_bytes(config, spec, part_wise=False)
+    kernels = Kernels.for_device("cpu", "32-true", config)
+    items = chunk_activation_bytes(
+        config, spec, 4, SEQ, "32-true", kernels, expert_imbalance=imbalance, pipelined=True, part_wise=False
+    )
+    assert not any(name.startswith("tape:") for name in items)
+    assert sum(items.values()) == measured
+    assert measured < _tape_bytes(config, spec)[0]  # the part-wise tape keeps more
 
 
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])

@@ -229,13 +229,32 @@ def forward_parts(
     streams: Streams,
     chain: Chain,
     params: ParamCache | None = None,
+    whole: bool = False,
 ) -> Iterator[str]:
     """Forward `chunk` one part per step, recording `tape` (yields each part's stream kind).
 
     `first_input` is the received hidden state, or the token ids on the first stage. `params` keeps
     each part's parameter list between calls (the caller empties it when parameters may change).
+
+    `whole` records the chunk as one part, one autograd graph: for a micro-batch that no FB
+    interleaves, the cut buys nothing and costs host time, which bounds a pipeline stage on small
+    micro-batches (a compiled layer runs as one graph instead of two plus two eager parts, the
+    backward is one autograd call instead of four per layer, and no cut tensors are kept). B and W
+    still split it (B keeps the graph, W walks it for the weights) as they split a part.
     """
     tape.whole_backward = chunk.parts_compiled
+    if whole:
+        tape.chunk_input = None if is_first else first_input
+        with streams.part(COMPUTE, chain, "chunk"):
+            h = chunk.run_layers(chunk.embed_tokens(first_input) if is_first else first_input)
+            if is_last:
+                tape.loss = loss_fn(chunk, h, tokens)
+                h = tape.loss.loss * loss_scale
+        chunk_params = _cached(params, chunk, "whole", lambda: list(chunk.parameters()))
+        tape.parts.append(_Part("chunk", COMPUTE, [] if is_first else [first_input], [h], chunk_params))
+        tape.output = h
+        yield COMPUTE
+        return
     if is_first:
         with streams.part(COMPUTE, chain, "embed"):
             h = chunk.embed_tokens(first_input)

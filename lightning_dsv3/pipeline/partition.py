@@ -20,11 +20,13 @@ def partition(
     seq_len: int | None = None,
     layer_costs: Sequence[float] | None = None,
     head_cost: float | None = None,
+    embed_cost: float = 0.0,
 ) -> list[range]:
     """Contiguous layer ranges, one per stage, minimising the largest stage cost.
 
-    `layer_costs` (one per layer, e.g. measured milliseconds) replaces the FLOP model; `head_cost`
-    then gives the last stage's extra cost in the same unit (default: the modelled ratio).
+    `layer_costs` (one per layer, e.g. measured milliseconds, see `pipeline.costs`) replaces the FLOP
+    model; `head_cost` then gives the last stage's extra cost in the same unit (default: the modelled
+    ratio) and `embed_cost` the first stage's (the FLOP model counts none: a lookup).
     """
     n_layers = config.n_layers
     if n_stages < 1:
@@ -36,6 +38,7 @@ def partition(
             "or a deeper model"
         )
     seq = seq_len or config.max_seq_len
+    first = 0.0
     if layer_costs is None:
         costs = [layer_flops(config, i, seq) for i in range(n_layers)]
         extra = head_flops(config, seq)
@@ -45,13 +48,14 @@ def partition(
         costs = [float(c) for c in layer_costs]
         ratio = head_flops(config, seq) / max(layer_flops(config, n_layers - 1, seq), 1.0)
         extra = head_cost if head_cost is not None else ratio * costs[-1]
+        first = embed_cost
 
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
 
     def cost(start: int, end: int, last: bool) -> float:
-        return prefix[end] - prefix[start] + (extra if last else 0.0)
+        return prefix[end] - prefix[start] + (extra if last else 0.0) + (first if start == 0 else 0.0)
 
     # best[s][i]: the smallest max-stage cost of layers [0, i) over s stages; cut[s][i] the last start
     inf = float("inf")

@@ -5,13 +5,15 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 (the contract in the schedules module docstring). Where two consecutive stages live on this rank
 (DualPipeV's turn) the tensor is handed over in memory.
 
-Every forward is recorded part by part (see `overlap.py`), so backwards run part by part too: the
-overlapped FB action interleaves one micro-batch's forward with another's backward, and backward for
-inputs (B) and for weights (W) are split per part (B keeps the part's graph, W walks it again for
-the weights). A B followed at once by its own W (stage 0, whose input gradient nobody waits for) runs
-as one full backward and is recorded as BW: the split would only walk the graphs twice. A compiled
-chunk's B runs whole too (its W is then empty): each compiled part is one backward node that computes
-input and weight gradients together, so splitting would run it twice.
+A forward that an FB interleaves (its own, or its micro-batch's backward) is recorded part by part
+(see `overlap.py`), so its backward runs part by part too: the overlapped FB action interleaves one
+micro-batch's forward with another's backward. Every other forward is recorded whole, one graph
+through the chunk (`forward_parts(whole=True)`): the parts would only add host work. Backward for
+inputs (B) and for weights (W) are split per recorded part (B keeps the part's graph, W walks it
+again for the weights). A B followed at once by its own W (stage 0, whose input gradient nobody
+waits for) runs as one full backward and is recorded as BW: the split would only walk the graphs
+twice. A compiled chunk's B runs whole too (its W is then empty): each compiled part is one backward
+node that computes input and weight gradients together, so splitting would run it twice.
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.
@@ -29,7 +31,14 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
-from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts, lockstep
+from lightning_dsv3.pipeline.overlap import (
+    Chain,
+    ParamCache,
+    Streams,
+    Tape,
+    forward_parts,
+    lockstep,
+)
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
 
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], LossOutput]
@@ -91,6 +100,8 @@ class _State:
     grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # received output grads
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # to send back
     losses: list[tuple[int, LossOutput]] = field(default_factory=list)
+    # (micro-batch, chunk)s that an FB interleaves, forward or backward: recorded part by part
+    interleaved: set[tuple[int, int]] = field(default_factory=set)
 
 
 class PipelineRuntime:
@@ -159,8 +170,8 @@ class PipelineRuntime:
             )
         self.action_clock.start()
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
-        state = _State()
         actions = schedule.actions[self.rank]
+        state = _State(interleaved=_interleaved(actions))
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -225,7 +236,8 @@ class PipelineRuntime:
         microbatches: list[torch.Tensor],
         loss_scale: float,
     ) -> Iterator[str]:
-        """The forward of (mb, c) part by part, recording its tape for the backward."""
+        """The forward of (mb, c), recording its tape for the backward: part by part (a step each) where
+        an FB interleaves it, else whole."""
         tokens = microbatches[mb]
         stage = schedule.stage_of(self.rank, c)
         last = stage == schedule.n_stages - 1
@@ -245,6 +257,8 @@ class PipelineRuntime:
             self.streams,
             chain,
             self._part_params,
+            # half of an FB steps one part at a time against the other half; any other forward is whole
+            whole=(mb, c) not in state.interleaved,
         )
         self.streams.join(chain)  # the output leaves through NCCL, ordered on the compute stream
         state.tapes[(mb, c)] = tape
@@ -322,6 +336,16 @@ class PipelineRuntime:
         return torch.empty(
             tokens.shape[0], tokens.shape[1] - 1, chunk.config.dim, dtype=weight.dtype, device=weight.device
         )
+
+
+def _interleaved(actions: list[Action]) -> set[tuple[int, int]]:
+    """The (micro-batch, chunk)s whose forward or backward is half of an FB action."""
+    pairs = set()
+    for a in actions:
+        if a.op is Op.FB:
+            pairs.add((a.mb, a.chunk))
+            pairs.add((a.mb2, a.chunk2))
+    return pairs
 
 
 def _drain(steps: Iterator[str]) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_dsv3.config import ModelConfig
 from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.pipeline.costs import StageCosts
 from lightning_dsv3.pipeline.partition import partition
 from lightning_dsv3.pipeline.schedules import PipelineSchedule
 
@@ -45,9 +46,13 @@ class StagePlan:
         config: ModelConfig,
         schedule: PipelineSchedule,
         seq_len: int | None = None,
-        layer_costs: Sequence[float] | None = None,
+        layer_costs: Sequence[float] | StageCosts | None = None,
     ) -> StagePlan:
-        """Stages cut by the FLOP model, or by `layer_costs` (one per layer, e.g. measured times)."""
+        """Stages cut by the FLOP model, or by `layer_costs`: one per layer, or measured `StageCosts`
+        (layers, head and embedding)."""
+        if isinstance(layer_costs, StageCosts):
+            c = layer_costs
+            return cls(schedule, partition(config, schedule.n_stages, seq_len, c.layers, c.head, c.embed))
         return cls(schedule, partition(config, schedule.n_stages, seq_len, layer_costs))
 
     def chunks_of(self, pp_rank: int) -> list[ChunkSpec]:

@@ -288,10 +288,13 @@ def chunk_activation_bytes(
     expert_imbalance: float | Mapping[int, float] = 1.0,
     pipelined: bool = False,
     implementation: str = "this",
+    part_wise: bool = True,
 ) -> dict[str, float]:
     """Bytes one micro-batch keeps in one model chunk (its layers, and the embedding / head / MTP it
-    holds), by item summed over layers. `pipelined`: run by the pipeline runtime, which also keeps
-    the tensors cut between a layer's parts until the backward (`pipeline/overlap.py`).
+    holds), by item summed over layers. `pipelined`: run by the pipeline runtime, which keeps the
+    stage output until its gradient comes back and, where it records the forward part by part
+    (`part_wise`: a micro-batch an FB interleaves), the tensors cut between a layer's parts
+    (`pipeline/overlap.py`).
     `expert_imbalance` may map layer ids (MTP depth k is layer n_layers + k - 1) to their own factor."""
     kernels = kernels or Kernels()
     option = config.activation_checkpointing if checkpointing is None else checkpointing
@@ -313,7 +316,7 @@ def chunk_activation_bytes(
 
     for layer_id in spec.layer_ids:
         add("", layer(layer_id, seq))
-        if pipelined and implementation == "this":
+        if pipelined and part_wise and implementation == "this":
             add("", _tape_items(config, layer_id, batch * seq, pb, option, ep, kernels))
     t, d, s = batch * seq, config.dim, pb.stream
     if pipelined and implementation == "this":

@@ -127,6 +127,10 @@ def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list
     return plan.chunks_of(pp_rank)
 
 
+def _has_fb(schedule: PipelineSchedule) -> bool:
+    return any(a.op is Op.FB for actions in schedule.actions for a in actions)
+
+
 def peak_live_bytes(schedule: PipelineSchedule, rank: int, chunk_bytes: Sequence[float]) -> tuple[float, int]:
     """Replay `rank`'s list: the most activation bytes alive at once, and the micro-batches alive then.
 
@@ -248,6 +252,9 @@ def memory_plan(
             chunk_activation_bytes(
                 config, spec, micro_batch_size, seq_len, precision, kernels, option, parallel.ep,
                 expert_imbalance, plan is not None, implementation,
+                # the runtime records a forward part by part only where an FB interleaves it; under
+                # DualPipe(V) that is most micro-batches (the warm-up and cool-down ones are whole)
+                part_wise=plan is not None and _has_fb(plan.schedule),
             )
             for spec in specs
         ]  # fmt: skip

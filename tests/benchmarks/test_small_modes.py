@@ -45,6 +45,20 @@ SMALL_MODES = {
         "layer",
     ],
     "overlap": ["--preset", "debug", "--layers", "2", "--tokens", "64", "--seq-len", "32", "--reps", "1"],
+    "part_calls": [
+        "--preset",
+        "debug",
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--layers",
+        "0-2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ],  # fmt: skip
 }
 
 
@@ -103,6 +117,16 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
     elif script == "checkpointing":
         saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
         assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
+    elif script == "part_calls":  # the chunk whole, by parts on two streams and by parts on one
+        rows = _table(text)
+        assert [r[0].split()[0] for r in rows] == ["whole", "parts", "parts,"]
+        assert all(float(r[1]) > 0 and int(r[-1]) > 0 for r in rows)
+
+
+def test_schedules_benchmark_refuses_torch_split_backward_compiled() -> None:
+    args = [sys.executable, "-m", "benchmarks.pipeline_schedules", "--compile", "--torch", "1f1b,zbv"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "zbv cannot run compiled stages" in out.stderr
 
 
 @pytest.mark.parametrize("script", sorted(TORCHRUN_SMALL_MODES))

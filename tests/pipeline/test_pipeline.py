@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from checks import GLOBAL_BATCH, STEPS, check_layout, reference, reference_val_loss, validate_run
+from checks import (
+    GLOBAL_BATCH,
+    STEPS,
+    check_layout,
+    check_results,
+    rank_costs_run,
+    reference,
+    reference_val_loss,
+    validate_run,
+)
 
 SCHEDULES = ["gpipe", "1f1b", "zb1p", "interleaved_1f1b", "dualpipe", "dualpipev"]
 
@@ -18,6 +27,16 @@ def ref() -> dict[str, Any]:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pp2_matches_one_process(pool2, ref, schedule: str) -> None:
     check_layout(pool2, {"pp": 2, "schedule": schedule, "zero": False}, ref)
+
+
+def test_ranks_with_different_measured_costs_take_rank_zeros_cut(pool2, ref) -> None:
+    """Costs measured in each process differ; a cut that differed between ranks would build stages that
+    do not fit together. Rank 0 measured a costly first layer: both ranks cut it off as its own stage."""
+    results = pool2.run(
+        rank_costs_run, {"pp": 2, "schedule": "1f1b", "zero": False}, STEPS, GLOBAL_BATCH, "sgd"
+    )
+    assert all(r["stage_layers"][0] == (0, 1) for r in results)
+    check_results(results, ref)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
