@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_dsv3.config import ModelConfig
 from lightning_dsv3.model.mla import MLA
 from lightning_dsv3.model.moe import MoE, Routing, SwiGLU, tokens_per_expert
+from lightning_dsv3.model.norm import RMSNorm
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -91,11 +92,11 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, config: ModelConfig) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = MLA(config)
         self.recompute_attention = config.activation_checkpointing in ("attention", "layer")
         self.recompute_mlp = config.activation_checkpointing in ("mlp", "layer")
-        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.is_moe = config.is_moe_layer(layer_id)
         self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.dim, config.inter_dim)
         self.aux_loss_scale = (

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_dsv3.config import ModelConfig
+from lightning_dsv3.model.norm import RMSNorm
 
 
 def _yarn_correction_dim(n_rotations: float, dim: int, base: float, original_seq_len: int) -> float:
@@ -98,12 +99,12 @@ class MLA(nn.Module):
         self.pad_v = config.attn_pad_v and config.v_head_dim < config.qk_head_dim
         if config.q_lora_rank > 0:
             self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=config.norm_eps)
+            self.q_norm = RMSNorm(config.q_lora_rank, eps=config.norm_eps)
             self.wq_b = nn.Linear(config.q_lora_rank, config.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq = nn.Linear(config.dim, config.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(config.dim, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(config.kv_lora_rank, eps=config.norm_eps)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, eps=config.norm_eps)
         self.wkv_b = nn.Linear(
             config.kv_lora_rank, config.n_heads * (config.qk_nope_head_dim + config.v_head_dim), bias=False
         )

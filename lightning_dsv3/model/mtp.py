@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_dsv3.config import ModelConfig
 from lightning_dsv3.model.block import Block
+from lightning_dsv3.model.norm import RMSNorm
 
 
 class MTPModule(nn.Module):
@@ -20,11 +21,11 @@ class MTPModule(nn.Module):
 
     def __init__(self, layer_id: int, config: ModelConfig) -> None:
         super().__init__()
-        self.enorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.hnorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.enorm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.hnorm = RMSNorm(config.dim, eps=config.norm_eps)
         self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
         self.block = Block(layer_id, config)
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
 
     def forward(
         self, h_prev: torch.Tensor, emb_ahead: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

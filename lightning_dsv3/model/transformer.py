@@ -20,6 +20,7 @@ from lightning_dsv3.model.block import Block
 from lightning_dsv3.model.mla import rope_cos_sin
 from lightning_dsv3.model.moe import MoE, Router
 from lightning_dsv3.model.mtp import MTPModule
+from lightning_dsv3.model.norm import RMSNorm
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim) if needs_embed else None
         self.layers = nn.ModuleDict({str(i): Block(i, config) for i in self.layer_ids})
         if with_head:
-            self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+            self.norm = RMSNorm(config.dim, eps=config.norm_eps)
             self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
             self.mtp = nn.ModuleList(MTPModule(config.n_layers + k, config) for k in range(config.mtp_depth))
         cos, sin = rope_cos_sin(config)

@@ -3,7 +3,8 @@
 A chunk's forward is recorded as a *tape* of parts, one autograd graph each, cut at the layer's
 four parts (attention, dispatch, mlp, combine) plus the embedding and the loss. The tensors that
 cross a cut become leaves, so the backward can run one part at a time, newest first, and hand each
-part's input gradients to the part that produced those inputs.
+part's input gradients to the part that produced those inputs. A forward that nothing interleaves
+is recorded as a tape of one part, the whole chunk (`whole=True`).
 
 DeepSeek's overlapped forward&backward (the FB action) then steps the forward of one micro-batch and
 the backward of another in lockstep: a forward part and a backward part per step. Walking a layer's

@@ -10,7 +10,7 @@ import torch
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts
-from lightning_dsv3.pipeline.runtime import PipelineRuntime
+from lightning_dsv3.pipeline.runtime import PipelineRuntime, _interleaved
 from lightning_dsv3.pipeline.schedules import Action, Op, make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -67,15 +67,18 @@ def test_a_b_whose_gradient_is_sent_first_stays_split() -> None:
     assert any(a.startswith("BW(") and a.endswith(".0)") for a in ran)
 
 
-def _grads_after(split: bool) -> dict[str, torch.Tensor]:
+def _grads_after(split: bool, whole: bool = False) -> dict[str, torch.Tensor]:
     chunk = Transformer(CONFIG, [1, 2], with_embedding=False, with_head=False)
     chunk.init_weights(0)
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 8, CONFIG.dim, generator=gen).requires_grad_(True)
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=gen)
     tape, streams = Tape(), Streams(torch.device("cpu"))
-    for _ in forward_parts(chunk, tape, hidden, tokens, False, False, _loss, 1.0, streams, Chain()):
+    for _ in forward_parts(
+        chunk, tape, hidden, tokens, False, False, _loss, 1.0, streams, Chain(), whole=whole
+    ):
         pass
+    assert len(tape.parts) == (1 if whole else 8)  # two layers of four parts, or the chunk as one
     grad_out = torch.randn(tape.output.shape, generator=gen)
     for _ in tape.backward_parts(grad_out, split, streams, Chain()):
         pass
@@ -91,6 +94,28 @@ def test_split_backward_equals_full_backward_bit_for_bit() -> None:
     assert split.keys() == full.keys() and len(split) > 10
     for name in split:
         assert torch.equal(split[name], full[name]), name
+
+
+def test_a_whole_recorded_chunk_splits_and_matches_the_part_wise_one() -> None:
+    whole_split, whole_full = _grads_after(split=True, whole=True), _grads_after(split=False, whole=True)
+    parts = _grads_after(split=False)
+    assert whole_split.keys() == whole_full.keys() == parts.keys()
+    for name in parts:
+        assert torch.equal(whole_split[name], whole_full[name]), name
+        # the same ops; only where one tensor feeds two parts are its gradients summed in another order
+        torch.testing.assert_close(whole_full[name], parts[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_only_what_an_fb_interleaves_is_recorded_part_by_part() -> None:
+    for name in ("1f1b", "zb1p"):
+        assert not _interleaved(make_schedule(name, 2, 4).actions[0])
+    schedule = make_schedule("dualpipe", 2, 8)
+    actions = schedule.actions[0]
+    pairs = _interleaved(actions)
+    fbs = [a for a in actions if a.op is Op.FB]
+    assert fbs and all((a.mb, a.chunk) in pairs and (a.mb2, a.chunk2) in pairs for a in fbs)
+    forwards = {(a.mb, a.chunk) for a in actions if a.op is Op.F}
+    assert forwards - pairs  # the warm-up's forwards are recorded whole
 
 
 def test_a_compiled_chunk_runs_its_split_backward_whole() -> None:
