@@ -78,15 +78,21 @@ class DeepSeekV3Module(L.LightningModule):
 
     # ---- model construction ------------------------------------------------------------------
     def build_chunk(
-        self, layer_ids: Sequence[int] | None = None, with_embedding: bool = True, with_head: bool = True
+        self,
+        layer_ids: Sequence[int] | None = None,
+        with_embedding: bool = True,
+        with_head: bool = True,
+        pipelined: bool = False,
     ) -> Transformer:
-        """One initialised model chunk (the whole model by default); the strategy asks for stages."""
+        """One initialised model chunk (the whole model by default); the strategy asks for stages,
+        `pipelined` when the pipeline runtime runs them (compiled without CUDA graphs)."""
         chunk = Transformer(self.config, layer_ids, with_embedding, with_head)
         chunk.init_weights(self.hparams.init_seed)
         if self.hparams.get("float8"):  # before compile, so the compiled layers trace the fp8 linears
             convert_to_float8(chunk, self.hparams.float8)
         if self.hparams.compile:
-            chunk.compile_parts(None if self.hparams.compile is True else self.hparams.compile)
+            mode = None if self.hparams.compile is True else self.hparams.compile
+            chunk.compile_parts(mode, pipelined)
         return chunk
 
     def configure_model(self) -> None:

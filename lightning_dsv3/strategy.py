@@ -233,7 +233,7 @@ class DSV3Strategy(ParallelStrategy):
             kwargs["store"] = store
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self.mesh = build_mesh(self.parallel_config, self.world_size, device_type_of(self.root_device))
-        if self.plan is not None and self._layer_costs is not None:
+        if self.plan is not None:
             self._adopt_rank_zero_cut(self.plan)
         if self._timeout is not None and self.mesh.device_mesh is not None:
             faults.set_group_timeouts(
@@ -241,8 +241,8 @@ class DSV3Strategy(ParallelStrategy):
             )
 
     def _adopt_rank_zero_cut(self, plan: StagePlan) -> None:
-        """Costs measured in each process differ by noise, and a cut that differs between ranks would
-        build mismatched stages: every rank takes rank 0's layer ranges."""
+        """Costs measured in each process differ by noise (or were measured on rank 0 alone), and a cut
+        that differs between ranks would build mismatched stages: every rank takes rank 0's ranges."""
         layers = [[(r.start, r.stop) for r in plan.layers]]
         with collective("the stage cut's broadcast", None, "world"):
             dist.broadcast_object_list(layers, src=0)
@@ -304,7 +304,9 @@ class DSV3Strategy(ParallelStrategy):
         if self.plan is None:
             return module.build_chunk()
         specs = self.plan.chunks_of(self._require_mesh().pp_rank)
-        return nn.ModuleList(module.build_chunk(s.layer_ids, s.with_embedding, s.with_head) for s in specs)
+        return nn.ModuleList(
+            module.build_chunk(s.layer_ids, s.with_embedding, s.with_head, pipelined=True) for s in specs
+        )
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None

@@ -14,8 +14,8 @@ class RMSNorm(nn.RMSNorm):
     norms) get a bf16 input and an fp32 weight, a pair torch's fused kernel refuses: it falls back to
     the composite one (about five kernels each way, an fp32 output and an fp32 copy kept for backward).
     The fused kernel normalises in fp32 either way; the cast only rounds the weight to bf16 before the
-    product, whose result a bf16 GEMM reads next anyway. The weight's gradient flows back through the
-    cast in fp32.
+    product, whose result a bf16 GEMM reads next anyway. The weight's gradient comes out of the kernel
+    in bf16 and is cast to the fp32 weight's gradient, as an autocast linear's weight gradient is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

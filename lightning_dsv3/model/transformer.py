@@ -92,15 +92,17 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
 
-    def compile_parts(self, mode: str | None = None) -> None:
+    def compile_parts(self, mode: str | None = None, pipelined: bool = False) -> None:
         """torch.compile each decoder layer, its compute parts, and the loss's cross-entropy, in place.
 
         Layer by layer rather than the whole chunk: the layers compile to one graph that every layer
-        of a stage reuses. A pipeline does not call a layer's `forward` but its parts one at a time
-        (`attention`, `dispatch`, `mlp`, `combine`), so `attention` and `mlp`, the parts that compute,
-        are compiled too; `dispatch` and `combine` hold the expert all-to-all and stay eager. The parts
-        take torch.compile's default mode whatever `mode` is: a pipeline keeps several micro-batches'
-        outputs of one part alive, which CUDA graphs' static output buffers would overwrite.
+        of a stage reuses. A pipeline calls a layer's `forward` where nothing interleaves the
+        micro-batch, and its parts one at a time (`attention`, `dispatch`, `mlp`, `combine`) where an
+        FB does, so `attention` and `mlp`, the parts that compute, are compiled too; `dispatch` and
+        `combine` hold the expert all-to-all and stay eager. The parts, and with `pipelined` every
+        piece, take torch.compile's default mode whatever `mode` is: a pipeline keeps several
+        micro-batches' outputs of each piece alive, which CUDA graphs' static output buffers
+        ("reduce-overhead", "max-autotune") would overwrite.
         The cross-entropy runs in fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the
         logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it
         reads the bf16 logits and writes their gradient. `mode` is torch.compile's ("reduce-overhead"
@@ -109,11 +111,12 @@ class Transformer(nn.Module):
         pipeline runs its backward whole where a schedule splits B from W (`parts_compiled`).
         """
         parts_mode = None if mode in ("reduce-overhead", "max-autotune") else mode
+        whole_mode = parts_mode if pipelined else mode
         for block in self.all_blocks():
-            block.compile(mode=mode)
+            block.compile(mode=whole_mode)
             block.attention = torch.compile(block.attention, mode=parts_mode)  # type: ignore[method-assign]
             block.mlp = torch.compile(block.mlp, mode=parts_mode)  # type: ignore[method-assign]
-        self.cross_entropy = torch.compile(_cross_entropy, mode=mode)
+        self.cross_entropy = torch.compile(_cross_entropy, mode=whole_mode)
         self.parts_compiled = True
 
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:

@@ -7,8 +7,9 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 
 A forward that an FB interleaves (its own, or its micro-batch's backward) is recorded part by part
 (see `overlap.py`), so its backward runs part by part too: the overlapped FB action interleaves one
-micro-batch's forward with another's backward. Every other forward is recorded whole, one graph
-through the chunk (`forward_parts(whole=True)`): the parts would only add host work. Backward for
+micro-batch's forward with another's backward. So is, in an eager chunk, one whose W runs apart from
+its B (`_part_wise` says why). Every other forward is recorded whole, one graph through the chunk
+(`forward_parts(whole=True)`): the parts would only add host work. Backward for
 inputs (B) and for weights (W) are split per recorded part (B keeps the part's graph, W walks it
 again for the weights). A B followed at once by its own W (stage 0, whose input gradient nobody
 waits for) runs as one full backward and is recorded as BW: the split would only walk the graphs
@@ -100,8 +101,8 @@ class _State:
     grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # received output grads
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # to send back
     losses: list[tuple[int, LossOutput]] = field(default_factory=list)
-    # (micro-batch, chunk)s that an FB interleaves, forward or backward: recorded part by part
-    interleaved: set[tuple[int, int]] = field(default_factory=set)
+    # (micro-batch, chunk)s recorded part by part (`_part_wise`); every other forward is recorded whole
+    part_wise: set[tuple[int, int]] = field(default_factory=set)
 
 
 class PipelineRuntime:
@@ -171,7 +172,7 @@ class PipelineRuntime:
         self.action_clock.start()
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         actions = schedule.actions[self.rank]
-        state = _State(interleaved=_interleaved(actions))
+        state = _State(part_wise=_part_wise(actions, [c.parts_compiled for c in self.chunks]))
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -236,8 +237,8 @@ class PipelineRuntime:
         microbatches: list[torch.Tensor],
         loss_scale: float,
     ) -> Iterator[str]:
-        """The forward of (mb, c), recording its tape for the backward: part by part (a step each) where
-        an FB interleaves it, else whole."""
+        """The forward of (mb, c), recording its tape for the backward: part by part (a step each) or
+        whole (`_part_wise`)."""
         tokens = microbatches[mb]
         stage = schedule.stage_of(self.rank, c)
         last = stage == schedule.n_stages - 1
@@ -257,8 +258,7 @@ class PipelineRuntime:
             self.streams,
             chain,
             self._part_params,
-            # half of an FB steps one part at a time against the other half; any other forward is whole
-            whole=(mb, c) not in state.interleaved,
+            whole=(mb, c) not in state.part_wise,
         )
         self.streams.join(chain)  # the output leaves through NCCL, ordered on the compute stream
         state.tapes[(mb, c)] = tape
@@ -338,14 +338,23 @@ class PipelineRuntime:
         )
 
 
-def _interleaved(actions: list[Action]) -> set[tuple[int, int]]:
-    """The (micro-batch, chunk)s whose forward or backward is half of an FB action."""
-    pairs = set()
-    for a in actions:
+def _part_wise(actions: list[Action], compiled: list[bool]) -> set[tuple[int, int]]:
+    """The (micro-batch, chunk)s to record part by part: both halves of every FB (one steps a part at
+    a time against the other), and in an eager chunk those whose W runs apart from their B. A W walks
+    its recorded graph again for the weights; over a whole chunk that repeats every input-gradient
+    op and the expert all-to-alls, where a part-wise W skips the parts without weights (dispatch,
+    combine). A compiled chunk's B runs whole, leaving its W nothing to walk."""
+    parts = set()
+    for i, a in enumerate(actions):
         if a.op is Op.FB:
-            pairs.add((a.mb, a.chunk))
-            pairs.add((a.mb2, a.chunk2))
-    return pairs
+            parts.update({(a.mb, a.chunk), (a.mb2, a.chunk2)})
+        elif (
+            a.op is Op.W
+            and not compiled[a.chunk]
+            and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk))
+        ):
+            parts.add((a.mb, a.chunk))
+    return parts
 
 
 def _drain(steps: Iterator[str]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from lightning_dsv3.config import ModelConfig, ParallelConfig
-from lightning_dsv3.pipeline.schedules import Op, PipelineSchedule, make_schedule
+from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule, make_schedule
 from lightning_dsv3.pipeline.stages import ChunkSpec, StagePlan
 from lightning_dsv3.plan.activations import (
     Kernels,
@@ -127,8 +127,13 @@ def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list
     return plan.chunks_of(pp_rank)
 
 
-def _has_fb(schedule: PipelineSchedule) -> bool:
-    return any(a.op is Op.FB for actions in schedule.actions for a in actions)
+def _records_parts(schedule: PipelineSchedule) -> bool:
+    """Whether the runtime may record some forward part by part: an FB, or a W apart from its B."""
+    for actions in schedule.actions:  # the runtime's rule (`_part_wise`), sends and receives included
+        for i, a in enumerate(actions):
+            if a.op is Op.FB or (a.op is Op.W and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk))):
+                return True
+    return False
 
 
 def peak_live_bytes(schedule: PipelineSchedule, rank: int, chunk_bytes: Sequence[float]) -> tuple[float, int]:
@@ -252,9 +257,10 @@ def memory_plan(
             chunk_activation_bytes(
                 config, spec, micro_batch_size, seq_len, precision, kernels, option, parallel.ep,
                 expert_imbalance, plan is not None, implementation,
-                # the runtime records a forward part by part only where an FB interleaves it; under
-                # DualPipe(V) that is most micro-batches (the warm-up and cool-down ones are whole)
-                part_wise=plan is not None and _has_fb(plan.schedule),
+                # the runtime records a forward part by part where an FB interleaves it (under
+                # DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
+                # for every micro-batch of such a schedule
+                part_wise=plan is not None and _records_parts(plan.schedule),
             )
             for spec in specs
         ]  # fmt: skip

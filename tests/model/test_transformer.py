@@ -142,3 +142,24 @@ def test_permuted_rows_gather_in_both_directions_like_indexing(k: int) -> None:
     (reference_grad,) = torch.autograd.grad(reference, x, upstream)
     assert torch.equal(rows, reference)
     torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_cuda_graph_modes_stay_off_what_a_pipeline_keeps_alive(monkeypatch, pipelined: bool) -> None:
+    """A pipeline keeps several micro-batches' outputs of each compiled piece alive; CUDA graphs'
+    static outputs would overwrite them, so a pipelined chunk compiles nothing in those modes."""
+    modes: list[str | None] = []
+
+    def record(fn, mode=None, **kwargs):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    chunk = Transformer(get_preset("debug"), [1, 2], with_embedding=False, with_head=True)
+    chunk.compile_parts("reduce-overhead", pipelined=pipelined)
+    n_blocks = len(list(chunk.all_blocks()))
+    assert len(modes) == 3 * n_blocks + 1  # each layer, its attention and mlp, the cross-entropy
+    whole = [m for i, m in enumerate(modes[:-1]) if i % 3 == 0] + [modes[-1]]
+    parts = [m for i, m in enumerate(modes[:-1]) if i % 3 != 0]
+    assert all(m is None for m in parts)
+    assert all(m == (None if pipelined else "reduce-overhead") for m in whole)

@@ -53,3 +53,8 @@ def test_the_command_prints_both_cuts() -> None:
 def test_low_precision_runs_on_cpu(precision: str) -> None:
     costs = measure_stage_costs(CONFIG, "cpu", precision=precision, repeats=1)
     assert min(costs.layers) > 0
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision='16-mixed' is not one of"):
+        measure_stage_costs(CONFIG, "cpu", precision="16-mixed")

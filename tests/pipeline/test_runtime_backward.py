@@ -10,7 +10,7 @@ import torch
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts
-from lightning_dsv3.pipeline.runtime import PipelineRuntime, _interleaved
+from lightning_dsv3.pipeline.runtime import PipelineRuntime, _part_wise
 from lightning_dsv3.pipeline.schedules import Action, Op, make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -106,16 +106,20 @@ def test_a_whole_recorded_chunk_splits_and_matches_the_part_wise_one() -> None:
         torch.testing.assert_close(whole_full[name], parts[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_only_what_an_fb_interleaves_is_recorded_part_by_part() -> None:
-    for name in ("1f1b", "zb1p"):
-        assert not _interleaved(make_schedule(name, 2, 4).actions[0])
-    schedule = make_schedule("dualpipe", 2, 8)
-    actions = schedule.actions[0]
-    pairs = _interleaved(actions)
+def test_what_is_recorded_part_by_part() -> None:
+    """Both halves of every FB; in an eager chunk a micro-batch whose W runs apart from its B (a whole
+    chunk's W would walk the all-to-alls again); nothing else."""
+    assert not _part_wise(make_schedule("1f1b", 2, 4).actions[0], [False])
+    zb1p = make_schedule("zb1p", 2, 4).actions[1]  # stage 1 sends its input gradient before W
+    apart = {(a.mb, a.chunk) for i, a in enumerate(zb1p) if a.op is Op.W and zb1p[i - 1].op is not Op.B}
+    assert apart and _part_wise(zb1p, [False]) == apart
+    assert not _part_wise(zb1p, [True])  # compiled: B runs whole, W walks nothing
+    actions = make_schedule("dualpipe", 2, 8).actions[0]
+    parts = _part_wise(actions, [True, True])
     fbs = [a for a in actions if a.op is Op.FB]
-    assert fbs and all((a.mb, a.chunk) in pairs and (a.mb2, a.chunk2) in pairs for a in fbs)
+    assert fbs and all((a.mb, a.chunk) in parts and (a.mb2, a.chunk2) in parts for a in fbs)
     forwards = {(a.mb, a.chunk) for a in actions if a.op is Op.F}
-    assert forwards - pairs  # the warm-up's forwards are recorded whole
+    assert forwards - parts  # the warm-up's forwards are recorded whole
 
 
 def test_a_compiled_chunk_runs_its_split_backward_whole() -> None:
