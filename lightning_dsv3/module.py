@@ -37,7 +37,9 @@ class DeepSeekV3Module(L.LightningModule):
         compile: torch.compile each decoder layer and the cross-entropy (fuses the norms, rope, routing
             and casts): True for torch.compile's default mode, or a mode name: "reduce-overhead" also
             replays each layer's kernels as a CUDA graph, which removes the launch gaps of a small
-            model's step (benchmarks/results/end_to_end-*).
+            model's step (benchmarks/results/end_to_end-*). Pipeline stages compile without CUDA
+            graphs (with a warning): their static outputs would be overwritten while the pipeline
+            keeps several micro-batches' outputs alive.
         float8: train the linear layers in fp8 through torchao: "tensorwise" (fastest) or "rowwise"
             (finer scales); None (the default) keeps the Trainer's `precision`. Needs torchao >= 0.18
             (`pip install 'lightning-dsv3[fp8]'`) and a GPU of compute capability >= 8.9; the head,

@@ -7,6 +7,7 @@ of the whole model ("layers.7.attn.wq_a.weight"), so stages load slices of one s
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,13 @@ class LossOutput:
     loss: torch.Tensor  # scalar: ce + mtp_loss_weight * mean(mtp)
     ce: torch.Tensor  # scalar: next-token cross-entropy, mean over tokens
     mtp: list[torch.Tensor]  # per-depth cross-entropy of the MTP modules
+
+
+# torch.compile's modes that replay CUDA graphs -> the same compilation without them
+_WITHOUT_CUDA_GRAPHS: dict[str, str | None] = {
+    "reduce-overhead": None,
+    "max-autotune": "max-autotune-no-cudagraphs",
+}
 
 
 class Transformer(nn.Module):
@@ -110,8 +118,15 @@ class Transformer(nn.Module):
         A compiled part is one backward node for its input and weight gradients together, so a
         pipeline runs its backward whole where a schedule splits B from W (`parts_compiled`).
         """
-        parts_mode = None if mode in ("reduce-overhead", "max-autotune") else mode
+        parts_mode = _WITHOUT_CUDA_GRAPHS.get(mode, mode) if mode is not None else None
         whole_mode = parts_mode if pipelined else mode
+        if pipelined and whole_mode != mode:
+            warnings.warn(
+                f"compile mode {mode!r} replays CUDA graphs, whose static outputs the pipeline's several "
+                "live micro-batches would overwrite; pipeline stages compile with "
+                f"{whole_mode or 'the default mode'}",
+                stacklevel=2,
+            )
         for block in self.all_blocks():
             block.compile(mode=whole_mode)
             block.attention = torch.compile(block.attention, mode=parts_mode)  # type: ignore[method-assign]

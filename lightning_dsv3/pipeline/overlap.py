@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_dsv3.model.block import Block
+from lightning_dsv3.model.moe import LocalDispatcher, MoE
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 
 COMM, COMPUTE = "comm", "compute"
@@ -49,6 +50,8 @@ class _Part:
     outputs: list[torch.Tensor]
     params: list[nn.Parameter]
     weight_work: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (outputs, seeds) kept for W
+    # False where a W walking this part's graph again would repeat an expert all-to-all: B runs it whole
+    splittable: bool = True
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Tape:
     def _run_backward(
         part: _Part, outs: list[torch.Tensor], seeds: list[torch.Tensor], split: bool
     ) -> list[torch.Tensor | None]:
-        if split and part.params and part.inputs:
+        if split and part.splittable and part.params and part.inputs:
             # B: input gradients now, keeping the graph; W walks it again for the weights. (torch's
             # stage_backward_input would stop at the weights' inputs, but it detaches outputs in
             # place and our parts return views.)
@@ -280,11 +283,21 @@ def forward_parts(
             "loss",
             lambda: [p for name, p in chunk.named_parameters() if not name.startswith("layers.")],
         )
-        tape.parts.append(_Part("loss", COMPUTE, [leaf], [loss], head_params))
+        # the MTP layers run inside the loss part: with their experts' exchange, B runs it whole
+        tape.parts.append(
+            _Part("loss", COMPUTE, [leaf], [loss], head_params, splittable=not _exchanges(chunk.mtp))
+        )
         tape.output = loss
         yield COMPUTE
     else:
         tape.output = h
+
+
+def _exchanges(modules: nn.Module) -> bool:
+    """Whether any MoE layer inside `modules` moves its tokens to other ranks (expert parallelism)."""
+    return any(
+        isinstance(m, MoE) and not isinstance(m.dispatcher, LocalDispatcher) for m in modules.modules()
+    )
 
 
 def _layer_parts(

@@ -127,13 +127,13 @@ def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list
     return plan.chunks_of(pp_rank)
 
 
-def _records_parts(schedule: PipelineSchedule) -> bool:
-    """Whether the runtime may record some forward part by part: an FB, or a W apart from its B."""
-    for actions in schedule.actions:  # the runtime's rule (`_part_wise`), sends and receives included
-        for i, a in enumerate(actions):
-            if a.op is Op.FB or (a.op is Op.W and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk))):
-                return True
-    return False
+def _records_parts(actions: Sequence[Action]) -> bool:
+    """Whether the runtime may record some forward of this rank part by part: an FB, or a W apart from
+    its B (the runtime's rule, `_part_wise`, sends and receives included; compiled or not)."""
+    return any(
+        a.op is Op.FB or (a.op is Op.W and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk)))
+        for i, a in enumerate(actions)
+    )
 
 
 def peak_live_bytes(schedule: PipelineSchedule, rank: int, chunk_bytes: Sequence[float]) -> tuple[float, int]:
@@ -259,8 +259,8 @@ def memory_plan(
                 expert_imbalance, plan is not None, implementation,
                 # the runtime records a forward part by part where an FB interleaves it (under
                 # DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
-                # for every micro-batch of such a schedule
-                part_wise=plan is not None and _records_parts(plan.schedule),
+                # for every micro-batch of a rank that has any
+                part_wise=plan is not None and _records_parts(plan.schedule.actions[pp_rank]),
             )
             for spec in specs
         ]  # fmt: skip

@@ -1,5 +1,7 @@
 """The whole model: causality, MTP, stage cuts, initialisation and parameter counts."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -156,7 +158,10 @@ def test_cuda_graph_modes_stay_off_what_a_pipeline_keeps_alive(monkeypatch, pipe
 
     monkeypatch.setattr(torch, "compile", record)
     chunk = Transformer(get_preset("debug"), [1, 2], with_embedding=False, with_head=True)
-    chunk.compile_parts("reduce-overhead", pipelined=pipelined)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chunk.compile_parts("reduce-overhead", pipelined=pipelined)
+    assert any("replays CUDA graphs" in str(w.message) for w in caught) is pipelined
     n_blocks = len(list(chunk.all_blocks()))
     assert len(modes) == 3 * n_blocks + 1  # each layer, its attention and mlp, the cross-entropy
     whole = [m for i, m in enumerate(modes[:-1]) if i % 3 == 0] + [modes[-1]]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lightning_dsv3.config import get_preset
+from lightning_dsv3.model.moe import MoE
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts
 from lightning_dsv3.pipeline.runtime import PipelineRuntime, _part_wise
@@ -152,3 +153,35 @@ def test_a_compiled_chunk_runs_its_split_backward_whole() -> None:
     eager, compiled_grads = grads
     for name, grad in eager.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _ElsewhereDispatcher:
+    """Stands in for an all-to-all dispatcher (identity): only its type says the experts are elsewhere."""
+
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor, token_ids: Any = None) -> tuple[Any, ...]:
+        return tokens, counts, None
+
+    def combine(self, expert_out: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return expert_out
+
+
+def test_a_loss_part_whose_mtp_layers_exchange_runs_its_backward_whole_at_b() -> None:
+    """A W walks its part's graph again: over the loss part it would repeat the MTP layers' all-to-alls."""
+    weight_work = []
+    for elsewhere in (False, True):
+        chunk = Transformer(CONFIG, [3], with_embedding=False, with_head=True)
+        chunk.init_weights(0)
+        if elsewhere:
+            for module in chunk.mtp.modules():
+                if isinstance(module, MoE):
+                    module.dispatcher = _ElsewhereDispatcher()
+        gen = torch.Generator().manual_seed(3)
+        hidden = torch.randn(2, 8, CONFIG.dim, generator=gen).requires_grad_(True)
+        tokens = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=gen)
+        tape, streams = Tape(), Streams(torch.device("cpu"))
+        for _ in forward_parts(chunk, tape, hidden, tokens, False, True, _loss, 1.0, streams, Chain()):
+            pass
+        for _ in tape.backward_parts(None, True, streams, Chain()):
+            pass
+        weight_work.append(tape.parts[-1].weight_work is not None)
+    assert CONFIG.mtp_depth > 0 and weight_work == [True, False]
