@@ -43,7 +43,13 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.local_exchange import CopyExchange
-from benchmarks.results_io import checked_step_args, markdown_table, microbatch_step_parser, write_result
+from benchmarks.results_io import (
+    checked_step_args,
+    markdown_table,
+    microbatch_step_parser,
+    synchronize,
+    write_result,
+)
 from lightning_dsv3.config import ModelConfig, ParallelConfig, get_preset
 from lightning_dsv3.model.moe import Dispatcher
 from lightning_dsv3.model.transformer import LossOutput, Transformer
@@ -129,11 +135,6 @@ def use_dispatcher(chunks: list[Transformer], dispatcher: Dispatcher) -> None:
     for chunk in chunks:
         for _, moe in chunk.moe_layers():
             moe.dispatcher = dispatcher
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def slowest(value: float, device: torch.device) -> float:

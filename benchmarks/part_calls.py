@@ -18,6 +18,7 @@ cost most in the part-wise call.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profile_step import SYNC_OPS, device_kernels
-from benchmarks.results_io import markdown_table, write_result
+from benchmarks.results_io import markdown_table, synchronize, write_result
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts
@@ -63,7 +64,7 @@ def recorded_step(
 
 
 def measure(
-    step: Callable[[], None], chunk: Transformer, steps: int, warmup: int, cuda: bool
+    step: Callable[[], None], chunk: Transformer, steps: int, warmup: int, device: torch.device
 ) -> tuple[float, object]:
     """(median step ms without the profiler, the profiler over `steps` more steps)."""
 
@@ -75,20 +76,17 @@ def measure(
         one()
     times = []
     for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         one()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             one()
-        if cuda:
-            torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2], prof.key_averages()
+        synchronize(device)
+    return statistics.median(times), prof.key_averages()
 
 
 def main() -> None:
@@ -132,7 +130,7 @@ def main() -> None:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows, kernels, hosts = [], {}, {}
     for name, step in ways.items():
-        ms, averages = measure(step, chunk, args.steps, args.warmup, cuda)
+        ms, averages = measure(step, chunk, args.steps, args.warmup, device)
         work = device_kernels(averages) if cuda else list(averages)
         kernels[name] = Counter({e.key: getattr(e, key) / args.steps / 1e3 for e in work})
         hosts[name] = Counter({e.key: e.self_cpu_time_total / args.steps / 1e3 for e in averages})

@@ -82,7 +82,13 @@ import torch.distributed.pipelining as pipelining
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.results_io import checked_step_args, markdown_table, microbatch_step_parser, write_result
+from benchmarks.results_io import (
+    checked_step_args,
+    markdown_table,
+    microbatch_step_parser,
+    synchronize,
+    write_result,
+)
 from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, parse_action
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
@@ -220,11 +226,6 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters  # on first use: importing dynamo takes a while
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def p2p_seconds(config: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: Any) -> float:

@@ -45,6 +45,12 @@ def command_line() -> str:
     return f"{launcher} {target} {args}".rstrip()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), around a timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)

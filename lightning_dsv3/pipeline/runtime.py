@@ -8,13 +8,13 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 A forward that an FB interleaves (its own, or its micro-batch's backward) is recorded part by part
 (see `overlap.py`), so its backward runs part by part too: the overlapped FB action interleaves one
 micro-batch's forward with another's backward. So is, in an eager chunk, one whose W runs apart from
-its B (`_part_wise` says why). Every other forward is recorded whole, one graph through the chunk
-(`forward_parts(whole=True)`): the parts would only add host work. Backward for
-inputs (B) and for weights (W) are split per recorded part (B keeps the part's graph, W walks it
-again for the weights). A B followed at once by its own W (stage 0, whose input gradient nobody
-waits for) runs as one full backward and is recorded as BW: the split would only walk the graphs
-twice. A compiled chunk's B runs whole too (its W is then empty): each compiled part is one backward
-node that computes input and weight gradients together, so splitting would run it twice.
+its B (`part_wise_forwards` says why). Every other forward is recorded whole, one graph through the
+chunk (`forward_parts(whole=True)`): the parts would only add host work. Backward for inputs (B)
+and for weights (W) are split per recorded part (B keeps the part's graph, W walks it again for the
+weights). A B followed at once by its own W (stage 0, whose input gradient nobody waits for) runs as
+one full backward and is recorded as BW: the split would only walk the graphs twice. A compiled
+chunk's B runs whole too (its W is then empty): each compiled part is one backward node that computes
+input and weight gradients together, so splitting would run it twice.
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.
@@ -23,7 +23,7 @@ the pipeline timeline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +32,7 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
-from lightning_dsv3.pipeline.overlap import (
-    Chain,
-    ParamCache,
-    Streams,
-    Tape,
-    forward_parts,
-    lockstep,
-)
+from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts, lockstep
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
 
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], LossOutput]
@@ -101,7 +94,7 @@ class _State:
     grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # received output grads
     input_grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # to send back
     losses: list[tuple[int, LossOutput]] = field(default_factory=list)
-    # (micro-batch, chunk)s recorded part by part (`_part_wise`); every other forward is recorded whole
+    # (micro-batch, chunk)s recorded part by part (`part_wise_forwards`); every other forward is whole
     part_wise: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -172,7 +165,7 @@ class PipelineRuntime:
         self.action_clock.start()
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         actions = schedule.actions[self.rank]
-        state = _State(part_wise=_part_wise(actions, [c.parts_compiled for c in self.chunks]))
+        state = _State(part_wise=part_wise_forwards(actions, [c.parts_compiled for c in self.chunks]))
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -183,11 +176,7 @@ class PipelineRuntime:
                 self._communicate(actions[i:j], state, microbatches)
                 i = j
                 continue
-            if (
-                action.op is Op.B
-                and i + 1 < len(actions)
-                and actions[i + 1] == Action(Op.W, action.mb, action.chunk)
-            ):
+            if i + 1 < len(actions) and _follows_its_b(actions, i + 1):
                 # nothing runs between this B and its W (typically stage 0: no input gradient to
                 # send), so splitting would only walk the parts' graphs twice: one full backward
                 self._compute(
@@ -238,7 +227,7 @@ class PipelineRuntime:
         loss_scale: float,
     ) -> Iterator[str]:
         """The forward of (mb, c), recording its tape for the backward: part by part (a step each) or
-        whole (`_part_wise`)."""
+        whole (`part_wise_forwards`)."""
         tokens = microbatches[mb]
         stage = schedule.stage_of(self.rank, c)
         last = stage == schedule.n_stages - 1
@@ -338,23 +327,26 @@ class PipelineRuntime:
         )
 
 
-def _part_wise(actions: list[Action], compiled: list[bool]) -> set[tuple[int, int]]:
-    """The (micro-batch, chunk)s to record part by part: both halves of every FB (one steps a part at
-    a time against the other), and in an eager chunk those whose W runs apart from their B. A W walks
-    its recorded graph again for the weights; over a whole chunk that repeats every input-gradient
-    op and the expert all-to-alls, where a part-wise W skips the parts without weights (dispatch,
-    combine). A compiled chunk's B runs whole, leaving its W nothing to walk."""
+def part_wise_forwards(actions: Sequence[Action], compiled: Sequence[bool]) -> set[tuple[int, int]]:
+    """The (micro-batch, chunk)s of a rank's list to record part by part: both halves of every FB (one
+    steps a part at a time against the other), and in an eager chunk those whose W runs apart from
+    their B. A W walks its recorded graph again for the weights; over a whole chunk that repeats
+    every input-gradient op and the expert all-to-alls, where a part-wise W skips the parts without
+    weights (dispatch, combine). A compiled chunk's B runs whole, leaving its W nothing to walk."""
     parts = set()
     for i, a in enumerate(actions):
         if a.op is Op.FB:
             parts.update({(a.mb, a.chunk), (a.mb2, a.chunk2)})
-        elif (
-            a.op is Op.W
-            and not compiled[a.chunk]
-            and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk))
-        ):
+        elif a.op is Op.W and not compiled[a.chunk] and not _follows_its_b(actions, i):
             parts.add((a.mb, a.chunk))
     return parts
+
+
+def _follows_its_b(actions: Sequence[Action], i: int) -> bool:
+    """Whether action i is a W right after its own B (sends and receives count as in between): the
+    runtime then runs the two as one full backward."""
+    a = actions[i]
+    return a.op is Op.W and i > 0 and actions[i - 1] == Action(Op.B, a.mb, a.chunk)
 
 
 def _drain(steps: Iterator[str]) -> None:

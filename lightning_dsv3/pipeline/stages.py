@@ -51,8 +51,8 @@ class StagePlan:
         """Stages cut by the FLOP model, or by `layer_costs`: one per layer, or measured `StageCosts`
         (layers, head and embedding)."""
         if isinstance(layer_costs, StageCosts):
-            c = layer_costs
-            return cls(schedule, partition(config, schedule.n_stages, seq_len, c.layers, c.head, c.embed))
+            measured = (layer_costs.layers, layer_costs.head, layer_costs.embed)
+            return cls(schedule, partition(config, schedule.n_stages, seq_len, *measured))
         return cls(schedule, partition(config, schedule.n_stages, seq_len, layer_costs))
 
     def chunks_of(self, pp_rank: int) -> list[ChunkSpec]:

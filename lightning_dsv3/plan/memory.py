@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from lightning_dsv3.config import ModelConfig, ParallelConfig
-from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule, make_schedule
+from lightning_dsv3.pipeline.runtime import part_wise_forwards
+from lightning_dsv3.pipeline.schedules import Op, PipelineSchedule, make_schedule
 from lightning_dsv3.pipeline.stages import ChunkSpec, StagePlan
 from lightning_dsv3.plan.activations import (
     Kernels,
@@ -127,13 +128,9 @@ def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list
     return plan.chunks_of(pp_rank)
 
 
-def _records_parts(actions: Sequence[Action]) -> bool:
-    """Whether the runtime may record some forward of this rank part by part: an FB, or a W apart from
-    its B (the runtime's rule, `_part_wise`, sends and receives included; compiled or not)."""
-    return any(
-        a.op is Op.FB or (a.op is Op.W and (i == 0 or actions[i - 1] != Action(Op.B, a.mb, a.chunk)))
-        for i, a in enumerate(actions)
-    )
+def _part_wise_forwards(schedule: PipelineSchedule, pp_rank: int) -> set[tuple[int, int]]:
+    """What the runtime would record part by part on `pp_rank` if its chunks ran eager."""
+    return part_wise_forwards(schedule.actions[pp_rank], [False] * schedule.n_chunks)
 
 
 def peak_live_bytes(schedule: PipelineSchedule, rank: int, chunk_bytes: Sequence[float]) -> tuple[float, int]:
@@ -259,8 +256,8 @@ def memory_plan(
                 expert_imbalance, plan is not None, implementation,
                 # the runtime records a forward part by part where an FB interleaves it (under
                 # DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
-                # for every micro-batch of a rank that has any
-                part_wise=plan is not None and _records_parts(plan.schedule.actions[pp_rank]),
+                # for every micro-batch of a rank that has any (compiled or not: the plan cannot tell)
+                part_wise=plan is not None and bool(_part_wise_forwards(plan.schedule, pp_rank)),
             )
             for spec in specs
         ]  # fmt: skip

@@ -11,7 +11,7 @@ from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.moe import MoE
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.overlap import Chain, Streams, Tape, forward_parts
-from lightning_dsv3.pipeline.runtime import PipelineRuntime, _part_wise
+from lightning_dsv3.pipeline.runtime import PipelineRuntime, part_wise_forwards
 from lightning_dsv3.pipeline.schedules import Action, Op, make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -110,13 +110,13 @@ def test_a_whole_recorded_chunk_splits_and_matches_the_part_wise_one() -> None:
 def test_what_is_recorded_part_by_part() -> None:
     """Both halves of every FB; in an eager chunk a micro-batch whose W runs apart from its B (a whole
     chunk's W would walk the all-to-alls again); nothing else."""
-    assert not _part_wise(make_schedule("1f1b", 2, 4).actions[0], [False])
+    assert not part_wise_forwards(make_schedule("1f1b", 2, 4).actions[0], [False])
     zb1p = make_schedule("zb1p", 2, 4).actions[1]  # stage 1 sends its input gradient before W
     apart = {(a.mb, a.chunk) for i, a in enumerate(zb1p) if a.op is Op.W and zb1p[i - 1].op is not Op.B}
-    assert apart and _part_wise(zb1p, [False]) == apart
-    assert not _part_wise(zb1p, [True])  # compiled: B runs whole, W walks nothing
+    assert apart and part_wise_forwards(zb1p, [False]) == apart
+    assert not part_wise_forwards(zb1p, [True])  # compiled: B runs whole, W walks nothing
     actions = make_schedule("dualpipe", 2, 8).actions[0]
-    parts = _part_wise(actions, [True, True])
+    parts = part_wise_forwards(actions, [True, True])
     fbs = [a for a in actions if a.op is Op.FB]
     assert fbs and all((a.mb, a.chunk) in parts and (a.mb2, a.chunk2) in parts for a in fbs)
     forwards = {(a.mb, a.chunk) for a in actions if a.op is Op.F}
