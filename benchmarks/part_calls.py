@@ -1,10 +1,12 @@
 """One pipeline chunk recorded whole against part by part, on one device: what the cut costs.
 
-Our pipeline runtime records a forward that an FB interleaves as four parts per layer (attention,
-dispatch, mlp, combine), each its own autograd graph, the communication parts on a second CUDA
-stream, so that the FB step can step one micro-batch's forward against another's backward
-(`lightning_dsv3.pipeline.overlap`); every other forward it records whole, one graph through the
-chunk, as torch's pipeline stages and the one-device model call it. This runs the same chunk (the
+Under expert parallelism our pipeline runtime records a forward that an FB interleaves as four parts
+per layer (attention, dispatch, mlp, combine), each its own autograd graph, the communication parts
+on a second CUDA stream, so that the FB step can step one micro-batch's forward against another's
+backward and hide its all-to-alls (`lightning_dsv3.pipeline.overlap`); every other forward, and
+every one without expert parallelism, it records whole, one graph through the chunk, as torch's
+pipeline stages and the one-device model call it. What this measures is what that rule weighs: the
+host time the cut adds, against the exchange time it can hide. This runs the same chunk (the
 embedding and `--layers`, by default the first pipeline stage of mini at pp=2) forward and backward
 each way on the same micro-batch, compiled (`compile_parts`, as a user's run) or eager, and reports
 per step: the time (host clock around synchronised steps), the kernel time, the host syncs and

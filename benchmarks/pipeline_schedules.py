@@ -7,15 +7,16 @@ layer ranges of `lightning_dsv3.pipeline.partition`; two stages per rank in a V 
 and our DualPipeV), from the same initial weights, with one pipeline rank per process. No optimizer
 step: this measures the schedule. The first step's loss is printed for each: every row trains the
 same model on the same batch. With one GPU per stage and no expert parallelism there is no all-to-all
-for DualPipe's FB step to hide; what it can still hide is the pipeline's own idle time.
+for DualPipe's FB step to hide, so our runtime runs an FB's forward and backward whole, one after the
+other; what DualPipe(V) can still hide is the pipeline's own idle time.
 
 `--compile` compiles what a user's run would: `Transformer.compile_parts()` (torch.compile's default
 mode, no CUDA graphs) on the one-device model and on every chunk, ours and the ones torch's stages
-wrap, whose loss is then the chunk's compiled cross-entropy as in ours. The code that runs differs
-by design: the one device and torch's stages call each decoder layer whole (one compiled graph per
-layer), our runtime calls a layer's parts one at a time (compiled attention and mlp, eager dispatch
-and combine) so that FB can interleave two micro-batches. A compiled part has one backward graph for
-its input and weight gradients together: our runtime runs it whole at B (W is then empty). torch's
+wrap, whose loss is then the chunk's compiled cross-entropy as in ours. Without expert parallelism
+every implementation calls each decoder layer whole (one compiled graph per layer); with it, our
+runtime would call the layers of an FB's two micro-batches part by part (compiled attention and
+mlp, eager dispatch and combine). A compiled chunk has one backward graph per layer for its input
+and weight gradients together: our runtime runs it whole at B (W is then empty). torch's
 split-backward schedules (ZBV, DualPipeV) cannot run compiled stages at all (their weight backward
 reads autograd metadata a compiled node lacks; measured on torch 2.11), so `--compile` runs torch's
 1F1B only and refuses the others.

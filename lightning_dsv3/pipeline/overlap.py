@@ -285,7 +285,7 @@ def forward_parts(
         )
         # the MTP layers run inside the loss part: with their experts' exchange, B runs it whole
         tape.parts.append(
-            _Part("loss", COMPUTE, [leaf], [loss], head_params, splittable=not _exchanges(chunk.mtp))
+            _Part("loss", COMPUTE, [leaf], [loss], head_params, splittable=not exchanges_tokens(chunk.mtp))
         )
         tape.output = loss
         yield COMPUTE
@@ -293,7 +293,7 @@ def forward_parts(
         tape.output = h
 
 
-def _exchanges(modules: nn.Module) -> bool:
+def exchanges_tokens(modules: nn.Module) -> bool:
     """Whether any MoE layer inside `modules` moves its tokens to other ranks (expert parallelism)."""
     return any(
         isinstance(m, MoE) and not isinstance(m.dispatcher, LocalDispatcher) for m in modules.modules()

@@ -5,16 +5,18 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 (the contract in the schedules module docstring). Where two consecutive stages live on this rank
 (DualPipeV's turn) the tensor is handed over in memory.
 
-A forward that an FB interleaves (its own, or its micro-batch's backward) is recorded part by part
-(see `overlap.py`), so its backward runs part by part too: the overlapped FB action interleaves one
-micro-batch's forward with another's backward. So is, in an eager chunk, one whose W runs apart from
-its B (`part_wise_forwards` says why). Every other forward is recorded whole, one graph through the
-chunk (`forward_parts(whole=True)`): the parts would only add host work. Backward for inputs (B)
-and for weights (W) are split per recorded part (B keeps the part's graph, W walks it again for the
-weights). A B followed at once by its own W (stage 0, whose input gradient nobody waits for) runs as
-one full backward and is recorded as BW: the split would only walk the graphs twice. A compiled
-chunk's B runs whole too (its W is then empty): each compiled part is one backward node that computes
-input and weight gradients together, so splitting would run it twice.
+In a chunk whose MoE layers exchange tokens (expert parallelism), a forward that an FB interleaves
+(its own, or its micro-batch's backward) is recorded part by part (see `overlap.py`), so its
+backward runs part by part too: the overlapped FB action interleaves one micro-batch's forward with
+another's backward. So is, in an eager chunk, one whose W runs apart from its B
+(`part_wise_forwards` says why). Every other forward is recorded whole, one graph through the chunk
+(`forward_parts(whole=True)`): the parts would only add host work, and without an all-to-all there
+is nothing to overlap. Backward for inputs (B) and for weights (W) are split per recorded part (B
+keeps the part's graph, W walks it again for the weights). A B followed at once by its own W (stage
+0, whose input gradient nobody waits for) runs as one full backward and is recorded as BW: the split
+would only walk the graphs twice. A compiled chunk's B runs whole too (its W is then empty): each
+compiled part is one backward node that computes input and weight gradients together, so splitting
+would run it twice.
 
 Each compute action is recorded with its start and end (CUDA events on GPU, wall clock on CPU) for
 the pipeline timeline.
@@ -32,7 +34,15 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
-from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts, lockstep
+from lightning_dsv3.pipeline.overlap import (
+    Chain,
+    ParamCache,
+    Streams,
+    Tape,
+    exchanges_tokens,
+    forward_parts,
+    lockstep,
+)
 from lightning_dsv3.pipeline.schedules import Action, Op, PipelineSchedule
 
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], LossOutput]
@@ -165,7 +175,9 @@ class PipelineRuntime:
         self.action_clock.start()
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         actions = schedule.actions[self.rank]
-        state = _State(part_wise=part_wise_forwards(actions, [c.parts_compiled for c in self.chunks]))
+        compiled = [c.parts_compiled for c in self.chunks]
+        exchanges = [exchanges_tokens(c) for c in self.chunks]  # read per step: dispatchers may be swapped
+        state = _State(part_wise=part_wise_forwards(actions, compiled, exchanges))
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -327,17 +339,25 @@ class PipelineRuntime:
         )
 
 
-def part_wise_forwards(actions: Sequence[Action], compiled: Sequence[bool]) -> set[tuple[int, int]]:
-    """The (micro-batch, chunk)s of a rank's list to record part by part: both halves of every FB (one
-    steps a part at a time against the other), and in an eager chunk those whose W runs apart from
-    their B. A W walks its recorded graph again for the weights; over a whole chunk that repeats
-    every input-gradient op and the expert all-to-alls, where a part-wise W skips the parts without
-    weights (dispatch, combine). A compiled chunk's B runs whole, leaving its W nothing to walk."""
+def part_wise_forwards(
+    actions: Sequence[Action], compiled: Sequence[bool], exchanges: Sequence[bool]
+) -> set[tuple[int, int]]:
+    """The (micro-batch, chunk)s of a rank's list to record part by part.
+
+    Only chunks whose MoE layers exchange tokens with other ranks (`exchanges`, expert parallelism)
+    have anything to gain from the cut: there, both halves of every FB (one steps a part at a time
+    against the other, so one micro-batch's all-to-all runs while the other computes), and in an eager
+    chunk those whose W runs apart from their B (a W walks its recorded graph again for the weights;
+    over a whole chunk that repeats the expert all-to-alls, where a part-wise W skips the parts
+    without weights). A compiled chunk's B runs whole, leaving its W nothing to walk. A chunk that
+    exchanges nothing has nothing to overlap: its FB runs the forward and the backward whole, one
+    after the other, as DeepSeek's DualPipe does for a model without an overlapped forward&backward.
+    """
     parts = set()
     for i, a in enumerate(actions):
         if a.op is Op.FB:
-            parts.update({(a.mb, a.chunk), (a.mb2, a.chunk2)})
-        elif a.op is Op.W and not compiled[a.chunk] and not _follows_its_b(actions, i):
+            parts.update(k for k in ((a.mb, a.chunk), (a.mb2, a.chunk2)) if exchanges[k[1]])
+        elif a.op is Op.W and exchanges[a.chunk] and not compiled[a.chunk] and not _follows_its_b(actions, i):
             parts.add((a.mb, a.chunk))
     return parts
 

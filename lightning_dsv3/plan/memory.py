@@ -128,9 +128,17 @@ def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list
     return plan.chunks_of(pp_rank)
 
 
-def _part_wise_forwards(schedule: PipelineSchedule, pp_rank: int) -> set[tuple[int, int]]:
+def _part_wise_forwards(config: ModelConfig, plan: StagePlan, pp_rank: int, ep: int) -> set[tuple[int, int]]:
     """What the runtime would record part by part on `pp_rank` if its chunks ran eager."""
-    return part_wise_forwards(schedule.actions[pp_rank], [False] * schedule.n_chunks)
+    specs = plan.chunks_of(pp_rank)
+    exchanges = [ep > 1 and _has_moe(config, spec) for spec in specs]
+    return part_wise_forwards(plan.schedule.actions[pp_rank], [False] * len(specs), exchanges)
+
+
+def _has_moe(config: ModelConfig, spec: ChunkSpec) -> bool:
+    """Whether the chunk holds an MoE layer (its MTP layers included, which run with the head)."""
+    mtp = spec.with_head and config.mtp_depth > 0 and config.is_moe_layer(config.n_layers)
+    return mtp or any(config.is_moe_layer(i) for i in spec.layer_ids)
 
 
 def peak_live_bytes(schedule: PipelineSchedule, rank: int, chunk_bytes: Sequence[float]) -> tuple[float, int]:
@@ -254,10 +262,10 @@ def memory_plan(
             chunk_activation_bytes(
                 config, spec, micro_batch_size, seq_len, precision, kernels, option, parallel.ep,
                 expert_imbalance, plan is not None, implementation,
-                # the runtime records a forward part by part where an FB interleaves it (under
-                # DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
+                # under ep > 1 the runtime records a forward part by part where an FB interleaves it
+                # (under DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
                 # for every micro-batch of a rank that has any (compiled or not: the plan cannot tell)
-                part_wise=plan is not None and bool(_part_wise_forwards(plan.schedule, pp_rank)),
+                part_wise=plan is not None and bool(_part_wise_forwards(config, plan, pp_rank, parallel.ep)),
             )
             for spec in specs
         ]  # fmt: skip

@@ -108,19 +108,24 @@ def test_a_whole_recorded_chunk_splits_and_matches_the_part_wise_one() -> None:
 
 
 def test_what_is_recorded_part_by_part() -> None:
-    """Both halves of every FB; in an eager chunk a micro-batch whose W runs apart from its B (a whole
-    chunk's W would walk the all-to-alls again); nothing else."""
-    assert not part_wise_forwards(make_schedule("1f1b", 2, 4).actions[0], [False])
+    """Where a chunk exchanges tokens: both halves of every FB, and in an eager chunk a micro-batch whose
+    W runs apart from its B (a whole chunk's W would walk the all-to-alls again); nothing else. A chunk
+    that exchanges nothing records every forward whole."""
+    assert not part_wise_forwards(make_schedule("1f1b", 2, 4).actions[0], [False], [True])
     zb1p = make_schedule("zb1p", 2, 4).actions[1]  # stage 1 sends its input gradient before W
     apart = {(a.mb, a.chunk) for i, a in enumerate(zb1p) if a.op is Op.W and zb1p[i - 1].op is not Op.B}
-    assert apart and part_wise_forwards(zb1p, [False]) == apart
-    assert not part_wise_forwards(zb1p, [True])  # compiled: B runs whole, W walks nothing
+    assert apart and part_wise_forwards(zb1p, [False], [True]) == apart
+    assert not part_wise_forwards(zb1p, [True], [True])  # compiled: B runs whole, W walks nothing
+    assert not part_wise_forwards(zb1p, [False], [False])  # no all-to-all for a W to repeat
     actions = make_schedule("dualpipe", 2, 8).actions[0]
-    parts = part_wise_forwards(actions, [True, True])
+    parts = part_wise_forwards(actions, [True, True], [True, True])
     fbs = [a for a in actions if a.op is Op.FB]
     assert fbs and all((a.mb, a.chunk) in parts and (a.mb2, a.chunk2) in parts for a in fbs)
     forwards = {(a.mb, a.chunk) for a in actions if a.op is Op.F}
     assert forwards - parts  # the warm-up's forwards are recorded whole
+    assert not part_wise_forwards(actions, [True, True], [False, False])  # nothing to overlap
+    one = part_wise_forwards(actions, [False, False], [True, False])  # only chunk 0 exchanges
+    assert one and {c for _, c in one} == {0}
 
 
 def test_a_compiled_chunk_runs_its_split_backward_whole() -> None:
@@ -185,3 +190,42 @@ def test_a_loss_part_whose_mtp_layers_exchange_runs_its_backward_whole_at_b() ->
             pass
         weight_work.append(tape.parts[-1].weight_work is not None)
     assert CONFIG.mtp_depth > 0 and weight_work == [True, False]
+
+
+def _recorded_parts(monkeypatch: Any, elsewhere: bool) -> list[int]:
+    """Run DualPipe's rank 0 (pp=2, 4 micro-batches): how many parts each micro-batch's tape had."""
+    import lightning_dsv3.pipeline.runtime as runtime_module
+
+    sizes: list[int] = []
+
+    def counting(chunk: Transformer, tape: Tape, *args: Any, **kwargs: Any) -> Any:
+        yield from forward_parts(chunk, tape, *args, **kwargs)
+        sizes.append(len(tape.parts))
+
+    monkeypatch.setattr(runtime_module, "forward_parts", counting)
+    schedule = make_schedule("dualpipe", 2, 4)
+    plan = StagePlan.build(CONFIG, schedule)
+    chunks = []
+    for spec in plan.chunks_of(0):
+        chunk = Transformer(CONFIG, spec.layer_ids, spec.with_embedding, spec.with_head)
+        chunk.init_weights(0)
+        if elsewhere:
+            for module in chunk.modules():
+                if isinstance(module, MoE):
+                    module.dispatcher = _ElsewhereDispatcher()
+        chunks.append(chunk)
+    runtime = _Loopback(schedule, chunks, 0, None, lambda r: r, _loss)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, CONFIG.vocab_size, (8, 9))
+    runtime.run(list(tokens.chunk(4)), 0.25)
+    return sizes
+
+
+def test_an_fb_without_an_exchange_records_both_halves_whole(monkeypatch: Any) -> None:
+    """No all-to-all to hide (ep = 1): every forward is one graph, FB's halves included; with experts
+    elsewhere, the FB halves are recorded part by part (four parts per layer)."""
+    local = _recorded_parts(monkeypatch, elsewhere=False)
+    assert local and set(local) == {1}
+    exchanging = _recorded_parts(monkeypatch, elsewhere=True)
+    assert len(exchanging) == len(local) and max(exchanging) > 4
+    assert 1 in exchanging  # the warm-up forwards that no FB interleaves stay whole
