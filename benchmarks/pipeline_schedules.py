@@ -143,6 +143,7 @@ class Row:
     step_s: list[float] = field(default_factory=list)
     bubble: list[float] = field(default_factory=list)
     busy_s: list[list[float]] = field(default_factory=list)  # each rank's compute time
+    memory: list[tuple[float, int]] = field(default_factory=list)  # each rank's (peak GiB, allocator retries)
     predicted: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (step s, bubble)
     action_ms: dict[str, list[float]] = field(default_factory=dict)  # median time of each kind
     first_loss: float = float("nan")
@@ -222,6 +223,16 @@ def mean_loss(losses: list[torch.Tensor], device: torch.device) -> float:
     return float(t[0] / t[1]) if t[1] else float("nan")
 
 
+def allocator_marks(device: torch.device) -> tuple[int, int]:
+    """(peak allocated bytes since the last reset, allocator retries so far) on a GPU; zeros on CPU. A
+    retry is a cudaMalloc that failed, made the allocator free its cache (synchronising the device)
+    and try again: a step that retries stalls on the host."""
+    if device.type != "cuda":
+        return 0, 0
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("allocated_bytes.all.peak", 0), stats.get("num_alloc_retries", 0)
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has made in this process so far."""
     from torch._dynamo.utils import counters  # on first use: importing dynamo takes a while
@@ -261,6 +272,9 @@ def measure(
     """Run warm-up and timed steps; fill `row` on every rank (rank 0 reports it)."""
     args, device = bench.args, bench.device
     graphs = compiled_graphs()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    retries = allocator_marks(device)[1]
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             graphs = compiled_graphs()
@@ -281,6 +295,10 @@ def measure(
             row.step_s.append(step_s)
             record(row, ranks, sim_schedule, bench.p2p_s)
     row.late_graphs = int(slowest(compiled_graphs() - graphs, device))
+    peak, retried = allocator_marks(device)
+    memory: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(memory, (peak / 2**30, retried - retries))
+    row.memory = memory
     if args.trace:
         trace_step(
             step,
@@ -492,8 +510,12 @@ def prediction_table(rows: list[Row]) -> str:
                 f"{_ms(span)} ({span / step - 1:+.0%})",
                 f"{statistics.median(v[1] for v in values):.1%}",
             ]
-        table.append([r.impl, r.schedule, _ms(step), busy, f"{statistics.median(r.bubble):.1%}", *cells])
-    header = ["implementation", "schedule", "step ms", "busy ms per rank", "bubble measured"]
+        peaks = " / ".join(f"{gib:.1f}" for gib, _ in r.memory) if r.memory else "—"
+        retries = " / ".join(str(n) for _, n in r.memory) if r.memory else "—"
+        bubble = f"{statistics.median(r.bubble):.1%}"
+        table.append([r.impl, r.schedule, _ms(step), busy, peaks, retries, bubble, *cells])
+    header = ["implementation", "schedule", "step ms", "busy ms per rank", "peak GiB per rank",
+              "allocator retries per rank", "bubble measured"]  # fmt: skip
     for title in FEEDINGS.values():
         header += [f"{title}: step ms (error)", "bubble"]
     return markdown_table(header, table)
@@ -529,7 +551,9 @@ def report(
         "The simulator on our schedule of each row's name with the action times measured in the same step "
         "(medians over steps; ZBV has no counterpart in our schedule IR); the error is predicted / measured "
         f"- 1. P2P: one hop of a micro-batch's hidden state measured at {p2p_s * 1e3:.3f} ms. Busy: each "
-        "rank's compute time per step. The module docstring says what the gap consists of.\n\n"
+        "rank's compute time per step. Peak: the most memory each rank's tensors held over the row's steps; "
+        "allocator retries: cudaMallocs that failed and made the caching allocator free its cache and "
+        "synchronise (zeros on CPU). The module docstring says what the gap consists of.\n\n"
         + prediction_table(rows)
         + (f"\n\nGraphs compiled during the timed steps (raise --warmup): {', '.join(late)}" if late else "")
         + "".join(f"\n\n{note}" for note in notes)
