@@ -150,6 +150,19 @@ def test_a_whole_recorded_micro_batch_keeps_no_cut_tensors(with_head: bool) -> N
     assert measured < _tape_bytes(config, spec)[0]  # the part-wise tape keeps more
 
 
+def test_the_plan_counts_part_wise_tapes_only_where_an_fb_hides_an_exchange() -> None:
+    """DualPipe records its FB halves part by part only under ep > 1 (the runtime's rule): at ep = 1
+    no tensor cut between a layer's parts is kept."""
+    config = get_preset("debug", **OVERRIDES)
+    tape = {}
+    for ep in (1, 2):
+        parallel = ParallelConfig(pp=2, ep=ep, schedule="dualpipe", n_microbatches=4).resolve(2 * ep)
+        plan = memory_plan(config, parallel, 2, SEQ, "32-true", device="cpu")
+        items = plan.ranks[0].activation_items
+        tape[ep] = sum(v for k, v in items.items() if k.startswith("tape:"))
+    assert tape[1] == 0 < tape[2]
+
+
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])
 def test_the_schedule_replay_agrees_with_the_simulator(name: str) -> None:
     """Micro-batch chunks alive at the peak: the simulator's count where no W is deferred; where one
