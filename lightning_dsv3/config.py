@@ -284,6 +284,9 @@ class ParallelConfig:
     max_nodes_per_token: int | None = None  # node-limited routing (None: off)
     hierarchical_dispatch: bool | None = None  # None: when the ep group spans nodes
     bucket_bytes: int | None = None  # gradient bucket cap (None: from the network probe, else no cap)
+    # how layers are cut into stages: one cost per decoder layer (a tuple) or measured
+    # `pipeline.costs.StageCosts`; None: the FLOP model (see `lightning_dsv3.pipeline.partition`)
+    layer_costs: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

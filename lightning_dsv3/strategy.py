@@ -50,7 +50,7 @@ from lightning_dsv3.parallel.expert import is_expert_param
 from lightning_dsv3.parallel.mesh import ParallelMesh, build_mesh, device_type_of
 from lightning_dsv3.parallel.telemetry import Link
 from lightning_dsv3.parallel.zero import GradientReducer, ReduceGroup
-from lightning_dsv3.pipeline.costs import StageCosts
+from lightning_dsv3.pipeline.costs import StageCosts, as_layer_costs
 from lightning_dsv3.pipeline.runtime import PipelineRuntime, forward_schedule
 from lightning_dsv3.pipeline.schedules import make_schedule
 from lightning_dsv3.pipeline.stages import StagePlan, TiedCopies
@@ -90,8 +90,9 @@ class DSV3Strategy(ParallelStrategy):
         bucket_bytes: cap on a gradient bucket (None: chosen by the network probe, or no cap).
         layer_costs: with a pipeline (pp = 1 V included): one cost per decoder layer (e.g. measured
             milliseconds), or the `StageCosts` that `lightning_dsv3.pipeline.costs.measure_stage_costs`
-            times on the device (layers, head and embedding), to cut the stages by instead of the FLOP
-            model (`lightning_dsv3.pipeline.partition`). Every rank takes rank 0's cut.
+            times on the device (layers, head and embedding), or the path of a file its CLI wrote
+            (`--save`), to cut the stages by instead of the FLOP model
+            (`lightning_dsv3.pipeline.partition`). Every rank takes rank 0's cut.
         probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
             dispatch compression pays (None: on GPUs only).
         start_method: how `devices=N` processes start on one machine when no launcher made them:
@@ -125,7 +126,7 @@ class DSV3Strategy(ParallelStrategy):
         hierarchical_dispatch: bool | None = None,
         bucket_bytes: int | None = None,
         probe_network: bool | None = None,
-        layer_costs: list[float] | StageCosts | None = None,
+        layer_costs: list[float] | StageCosts | str | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -150,6 +151,7 @@ class DSV3Strategy(ParallelStrategy):
             grad_codec=grad_codec, grad_codec_options=grad_codec_options or {}, ranks_per_node=ranks_per_node,
             max_nodes_per_token=max_nodes_per_token, hierarchical_dispatch=hierarchical_dispatch,
             bucket_bytes=bucket_bytes,
+            layer_costs=as_layer_costs(layer_costs),  # a costs file is read now: a bad path fails here
         )  # fmt: skip
         make_grad_codec(grad_codec, grad_codec_options or {})  # refuse bad options now
         if start_method not in ("popen", "spawn", "fork"):
@@ -163,7 +165,6 @@ class DSV3Strategy(ParallelStrategy):
         self._timeout = timeout
         self.nonfinite = faults.NonFiniteGuard(nonfinite, max_consecutive_nonfinite)
         self._probe_network = probe_network
-        self._layer_costs = layer_costs
         self.comm: Communication | None = None
         self.mesh: ParallelMesh | None = None
         self.reducer: GradientReducer | None = None
@@ -260,7 +261,7 @@ class DSV3Strategy(ParallelStrategy):
         self.module.check_data(getattr(self.module._trainer, "datamodule", None))
         if config.pipelined:
             schedule = make_schedule(config.schedule, config.pp, self.n_microbatches())
-            self.plan = StagePlan.build(self.module.config, schedule, layer_costs=self._layer_costs)
+            self.plan = StagePlan.build(self.module.config, schedule, layer_costs=config.layer_costs)
         n_experts = self.module.config.n_routed_experts
         if self.module.config.n_moe_layers and n_experts % config.ep != 0:
             raise ValueError(

@@ -116,6 +116,7 @@ def plan_of(config: Namespace) -> ClusterPlan:
         micro_batch_size=data.batch_size // n_micro, checkpointing=model.activation_checkpointing,
         zero=layout.get("zero", True),
         max_nodes_per_token=layout.get("max_nodes_per_token") if ep > gpu.gpus_per_node else None,
+        layer_costs=layout.get("layer_costs"),
     )  # fmt: skip
     return plan_runnable(**kwargs)
 

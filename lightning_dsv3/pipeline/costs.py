@@ -12,18 +12,22 @@ Timing each kind of piece once on the device and cutting by those times balances
     python -m lightning_dsv3.pipeline.costs --preset mini --micro-batch 8 --compile --pp 2
 
 prints the measured costs and the cut they give next to the FLOP model's; pass the costs to
-`DSV3Strategy(layer_costs=...)`. Every rank takes rank 0's cut, so ranks that measured on their own
-cannot disagree.
+`DSV3Strategy(layer_costs=...)`, or `--save costs.json` and give the strategy that path (a recipe's
+YAML: `layer_costs: costs.json`), so a training run cuts by times measured once, without measuring
+at start-up. Every rank takes rank 0's cut, so ranks that measured on their own cannot disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +47,69 @@ class StageCosts:
     layers: tuple[float, ...]
     head: float
     embed: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        """Write the costs (seconds) as JSON, for `DSV3Strategy(layer_costs=path)`."""
+        record = {"layers": list(self.layers), "head": self.head, "embed": self.embed}
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> StageCosts:
+        """Read what `save` wrote; a missing, unreadable or malformed file is a ValueError saying how
+        to write a good one."""
+        remedy = f"write one with `python -m lightning_dsv3.pipeline.costs ... --save {path}`"
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read stage costs from {path} ({err}); {remedy}") from err
+
+        def seconds(value: object) -> bool:
+            return (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
+
+        layers = record.get("layers") if isinstance(record, dict) else None
+        if (
+            not isinstance(layers, list)
+            or not layers
+            or not all(_seconds(c) and c > 0 for c in layers)
+            or not _seconds(record.get("head"))
+            or not _seconds(record.get("embed", 0.0))
+        ):
+            raise ValueError(
+                f'{path} is not a stage-costs file: it needs "layers" (a positive time in seconds per '
+                f'decoder layer), "head" and "embed" (seconds, >= 0); {remedy}'
+            )
+        return cls(tuple(float(c) for c in layers), float(record["head"]), float(record.get("embed", 0.0)))
+
+
+def as_layer_costs(value: object) -> tuple[float, ...] | StageCosts | None:
+    """What `DSV3Strategy(layer_costs=...)` and the planner accept, in one hashable form: None, one cost
+    per layer (a tuple), or `StageCosts`, given as such, as the path of a file `StageCosts.save` wrote,
+    or as a parsed config's mapping of `layers`, `head` and `embed`."""
+    if value is None or isinstance(value, StageCosts):
+        return value
+    if isinstance(value, str | Path):
+        return StageCosts.load(value)
+    layers = value.get("layers") if isinstance(value, dict) else getattr(value, "layers", None)
+    if layers is not None:  # a mapping, or the namespace a config parser made of StageCosts' fields
+        get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
+        return StageCosts(tuple(float(c) for c in layers), float(get("head", 0.0)), float(get("embed", 0.0)))
+    if isinstance(value, list | tuple):
+        return tuple(float(c) for c in value)
+    raise TypeError(
+        f"layer_costs must be one cost per layer, a StageCosts or the path of a costs file, got {value!r}"
+    )
+
+
+def _seconds(value: object) -> bool:
+    """A finite, non-negative number of seconds (JSON's true and false are not numbers here)."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
 
 
 def measure_stage_costs(
@@ -135,6 +202,9 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--n-microbatches", type=int, default=8)
+    parser.add_argument(
+        "--save", metavar="PATH", help="write the costs as JSON for DSV3Strategy(layer_costs=PATH)"
+    )
     args = parser.parse_args()
     config = get_preset(args.preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,6 +217,9 @@ def main() -> None:
     print(f"head (ms): {costs.head * 1e3:.3f}   embedding (ms): {costs.embed * 1e3:.3f}")
     print(f"cut by these times: {[(r.start, r.stop) for r in measured]}")
     print(f"cut by the FLOP model: {[(r.start, r.stop) for r in by_flops]}")
+    if args.save:
+        costs.save(args.save)
+        print(f"saved to {args.save}: DSV3Strategy(layer_costs={args.save!r})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_dsv3.config import ModelConfig, ParallelConfig
+from lightning_dsv3.pipeline.costs import as_layer_costs
 from lightning_dsv3.pipeline.schedules import dualpipe_min_microbatches, dualpipev_min_microbatches
 from lightning_dsv3.plan.activations import IMPLEMENTATIONS, PrecisionBytes
 from lightning_dsv3.plan.memory import (
@@ -73,12 +74,15 @@ def plan_cluster(
     max_nodes_per_token: int | None = None,
     efficiency: Efficiency | None = None,
     timed_implementation: str = "this",
+    layer_costs: Any = None,
 ) -> ClusterPlan:
     """Plan `gpus` GPUs as pp x dp x ep with dp inferred; every dp x ep rank reads its own slice of
-    the `global_batch` sequences, in micro-batches of `micro_batch_size`."""
+    the `global_batch` sequences, in micro-batches of `micro_batch_size`. `layer_costs` cuts the
+    stages as `DSV3Strategy(layer_costs=...)` does (None: the FLOP model)."""
     parallel = ParallelConfig(
-        pp=pp, ep=ep, schedule=schedule, zero=zero, max_nodes_per_token=max_nodes_per_token
-    ).resolve(gpus)
+        pp=pp, ep=ep, schedule=schedule, zero=zero, max_nodes_per_token=max_nodes_per_token,
+        layer_costs=as_layer_costs(layer_costs),
+    ).resolve(gpus)  # fmt: skip
     slices = parallel.dp * parallel.ep
     if global_batch % (slices * micro_batch_size):
         raise ValueError(

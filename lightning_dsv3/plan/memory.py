@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from lightning_dsv3.config import ModelConfig, ParallelConfig
+from lightning_dsv3.pipeline.costs import StageCosts, as_layer_costs
 from lightning_dsv3.pipeline.runtime import part_wise_forwards
 from lightning_dsv3.pipeline.schedules import Op, PipelineSchedule, make_schedule
 from lightning_dsv3.pipeline.stages import ChunkSpec, StagePlan
@@ -114,12 +115,17 @@ def stage_plan(config: ModelConfig, parallel: ParallelConfig) -> StagePlan | Non
     """The stages the strategy would build (None without a pipeline; pp = 1 dualpipev is one)."""
     if not parallel.pipelined:
         return None
-    return _stage_plan(dataclasses.astuple(config), parallel.schedule, parallel.pp, parallel.microbatches)
+    costs = as_layer_costs(parallel.layer_costs)
+    return _stage_plan(
+        dataclasses.astuple(config), parallel.schedule, parallel.pp, parallel.microbatches, costs
+    )
 
 
 @lru_cache(maxsize=64)
-def _stage_plan(key: tuple, schedule: str, pp: int, n_microbatches: int) -> StagePlan:
-    return StagePlan.build(ModelConfig(*key), make_schedule(schedule, pp, n_microbatches))
+def _stage_plan(
+    key: tuple, schedule: str, pp: int, n_microbatches: int, costs: tuple[float, ...] | StageCosts | None
+) -> StagePlan:
+    return StagePlan.build(ModelConfig(*key), make_schedule(schedule, pp, n_microbatches), layer_costs=costs)
 
 
 def chunks_of(config: ModelConfig, plan: StagePlan | None, pp_rank: int) -> list[ChunkSpec]:

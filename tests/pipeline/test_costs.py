@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.pipeline import make_schedule
-from lightning_dsv3.pipeline.costs import StageCosts, measure_stage_costs
+from lightning_dsv3.pipeline.costs import StageCosts, as_layer_costs, measure_stage_costs
 from lightning_dsv3.pipeline.partition import partition
 from lightning_dsv3.pipeline.stages import StagePlan
 
@@ -42,11 +44,73 @@ def test_a_stage_plan_cuts_by_measured_costs() -> None:
     assert [len(r) for r in StagePlan.build(CONFIG, schedule, layer_costs=free_head).layers] == [n // 2] * 2
 
 
-def test_the_command_prints_both_cuts() -> None:
+def test_the_command_prints_both_cuts_and_saves_the_costs(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "lightning_dsv3.pipeline.costs", "--preset", "debug", "--seq-len", "16"]
-    out = subprocess.run([*args, "--precision", "32-true"], capture_output=True, text=True, timeout=300)
+    path = tmp_path / "costs.json"
+    out = subprocess.run(
+        [*args, "--precision", "32-true", "--save", str(path)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cut by these times: [(0, " in out.stdout and "cut by the FLOP model: [(0, " in out.stdout
+    costs = StageCosts.load(path)
+    assert len(costs.layers) == CONFIG.n_layers and costs.head > 0 and costs.embed > 0
+    cut = out.stdout.split("cut by these times: ")[1].splitlines()[0]
+    measured = partition(CONFIG, 2, 16, costs.layers, costs.head, costs.embed)
+    assert cut == str([(r.start, r.stop) for r in measured])  # the file gives the cut the command printed
+
+
+def test_a_strategy_cuts_by_a_costs_file(tmp_path: Path) -> None:
+    from lightning_dsv3 import DSV3Strategy
+
+    n = CONFIG.n_layers
+    costs = StageCosts(layers=(1.0,) * n, head=float(n), embed=0.5)
+    path = tmp_path / "costs.json"
+    costs.save(path)
+    assert StageCosts.load(path) == costs
+    assert DSV3Strategy(pp=2, layer_costs=str(path)).parallel_config.layer_costs == costs
+
+
+def test_the_planner_cuts_the_stages_as_the_strategy_does(tmp_path: Path) -> None:
+    """`recipes/train.py plan` passes the strategy's layer_costs on: the plan's stages are the run's."""
+    from lightning_dsv3.config import ParallelConfig
+    from lightning_dsv3.plan.memory import stage_plan
+
+    n = CONFIG.n_layers
+    costs = StageCosts(layers=(1.0,) * n, head=0.0)  # an even cut, where the FLOP model loads stage 0
+    path = tmp_path / "costs.json"
+    costs.save(path)
+    schedule = make_schedule("1f1b", 2, 2)
+    expected = StagePlan.build(CONFIG, schedule, layer_costs=costs).layers
+    assert expected != StagePlan.build(CONFIG, schedule).layers
+    for given in (costs, str(path), {"layers": list(costs.layers), "head": costs.head}):
+        parallel = ParallelConfig(pp=2, n_microbatches=2, layer_costs=as_layer_costs(given)).resolve(2)
+        plan = stage_plan(CONFIG, parallel)
+        assert plan is not None and plan.layers == expected
+    per_layer = ParallelConfig(pp=2, n_microbatches=2, layer_costs=as_layer_costs([1.0] * n)).resolve(2)
+    assert per_layer.layer_costs == (1.0,) * n  # a list becomes a tuple: the plan cache needs a hashable key
+    with pytest.raises(TypeError, match="one cost per layer, a StageCosts or the path"):
+        as_layer_costs(3.0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{not json", json.dumps([1.0, 2.0]), json.dumps({"layers": [], "head": 1.0}),
+     json.dumps({"layers": [1.0, -1.0], "head": 1.0}), json.dumps({"layers": [1.0], "head": True}),
+     json.dumps({"layers": [1.0]})],
+    ids=["empty", "not-json", "a-list", "no-layers", "negative", "boolean", "no-head"],
+)  # fmt: skip
+def test_a_bad_costs_file_is_refused_with_the_remedy(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "costs.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="--save"):
+        StageCosts.load(path)
+
+
+def test_a_missing_costs_file_fails_when_the_strategy_is_made(tmp_path: Path) -> None:
+    from lightning_dsv3 import DSV3Strategy
+
+    with pytest.raises(ValueError, match="cannot read stage costs from .*missing.json"):
+        DSV3Strategy(pp=2, layer_costs=str(tmp_path / "missing.json"))
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
