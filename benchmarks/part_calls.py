@@ -51,7 +51,8 @@ def recorded_step(
     whole: bool,
 ) -> None:
     """The chunk as our runtime's F and BW actions call it: whole (one graph, as torch's stage calls
-    it; what the runtime records where no FB interleaves the micro-batch) or part by part."""
+    it; what the runtime records where no FB hides an all-to-all behind the micro-batch) or part by
+    part."""
     tape, chain = Tape(), Chain()
     steps = forward_parts(
         chunk, tape, tokens[:, :-1], tokens, True, False, None, 1.0, streams, chain, cache, whole=whole

@@ -271,13 +271,13 @@ def measure(
 ) -> None:
     """Run warm-up and timed steps; fill `row` on every rank (rank 0 reports it)."""
     args, device = bench.args, bench.device
-    graphs = compiled_graphs()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    retries = allocator_marks(device)[1]
+    graphs, retries = compiled_graphs(), 0
     for i in range(args.warmup + args.steps):
-        if i == args.warmup:
+        if i == args.warmup:  # graphs, peak and retries of the timed steps only
             graphs = compiled_graphs()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            retries = allocator_marks(device)[1]
         for m in modules:
             m.zero_grad(set_to_none=True)
         dist.barrier()
@@ -551,9 +551,10 @@ def report(
         "The simulator on our schedule of each row's name with the action times measured in the same step "
         "(medians over steps; ZBV has no counterpart in our schedule IR); the error is predicted / measured "
         f"- 1. P2P: one hop of a micro-batch's hidden state measured at {p2p_s * 1e3:.3f} ms. Busy: each "
-        "rank's compute time per step. Peak: the most memory each rank's tensors held over the row's steps; "
-        "allocator retries: cudaMallocs that failed and made the caching allocator free its cache and "
-        "synchronise (zeros on CPU). The module docstring says what the gap consists of.\n\n"
+        "rank's compute time per step. Peak: the most memory each rank's tensors held over the row's "
+        "timed steps; allocator retries: cudaMallocs in those steps that failed and made the caching "
+        "allocator free its cache and synchronise (zeros on CPU). The module docstring says what the "
+        "gap consists of.\n\n"
         + prediction_table(rows)
         + (f"\n\nGraphs compiled during the timed steps (raise --warmup): {', '.join(late)}" if late else "")
         + "".join(f"\n\n{note}" for note in notes)

@@ -192,7 +192,8 @@ def _restore_param_groups(optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 
 
 def describe(layout: ParallelConfig, config: ModelConfig) -> dict[str, Any]:
-    """The `dsv3` entry of meta.pt: what wrote the folder, checked again when it is loaded."""
+    """The `dsv3` entry of meta.pt: what wrote the folder (the model config is checked again when it
+    is loaded; the layout is a record, since any layout can load any other's checkpoint)."""
     return {
         "format_version": FORMAT_VERSION,
         "layout": dataclasses.asdict(layout),

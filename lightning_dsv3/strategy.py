@@ -91,7 +91,8 @@ class DSV3Strategy(ParallelStrategy):
         layer_costs: with a pipeline (pp = 1 V included): one cost per decoder layer (e.g. measured
             milliseconds), or the `StageCosts` that `lightning_dsv3.pipeline.costs.measure_stage_costs`
             times on the device (layers, head and embedding), or the path of a file its CLI wrote
-            (`--save`), to cut the stages by instead of the FLOP model
+            (`--save`; every process reads it when the strategy is made, so on several nodes it must
+            be on a shared filesystem), to cut the stages by instead of the FLOP model
             (`lightning_dsv3.pipeline.partition`). Every rank takes rank 0's cut.
         probe_network: time the groups' collectives at start-up and choose the bucket cap and whether
             dispatch compression pays (None: on GPUs only).
@@ -126,7 +127,7 @@ class DSV3Strategy(ParallelStrategy):
         hierarchical_dispatch: bool | None = None,
         bucket_bytes: int | None = None,
         probe_network: bool | None = None,
-        layer_costs: list[float] | StageCosts | str | None = None,
+        layer_costs: list[float] | tuple[float, ...] | StageCosts | str | Path | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,

@@ -103,13 +103,13 @@ class Transformer(nn.Module):
     def compile_parts(self, mode: str | None = None, pipelined: bool = False) -> None:
         """torch.compile each decoder layer, its compute parts, and the loss's cross-entropy, in place.
 
-        Layer by layer rather than the whole chunk: the layers compile to one graph that every layer
-        of a stage reuses. A pipeline calls a layer's `forward` where nothing interleaves the
-        micro-batch, and its parts one at a time (`attention`, `dispatch`, `mlp`, `combine`) where an
-        FB does, so `attention` and `mlp`, the parts that compute, are compiled too; `dispatch` and
-        `combine` hold the expert all-to-all and stay eager. The parts, and with `pipelined` every
-        piece, take torch.compile's default mode whatever `mode` is: a pipeline keeps several
-        micro-batches' outputs of each piece alive, which CUDA graphs' static output buffers
+        Layer by layer rather than the whole chunk: the layers compile to one graph that every layer of
+        a stage reuses. A pipeline calls a layer's `forward` where nothing interleaves the micro-batch,
+        and its parts one at a time (`attention`, `dispatch`, `mlp`, `combine`) where an FB hides an
+        expert all-to-all, so `attention` and `mlp`, the parts that compute, are compiled too;
+        `dispatch` and `combine` hold the expert all-to-all and stay eager. The parts, and with
+        `pipelined` every piece, take torch.compile's default mode whatever `mode` is: a pipeline keeps
+        several micro-batches' outputs of each piece alive, which CUDA graphs' static output buffers
         ("reduce-overhead", "max-autotune") would overwrite.
         The cross-entropy runs in fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the
         logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it

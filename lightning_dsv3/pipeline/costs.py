@@ -48,6 +48,22 @@ class StageCosts:
     head: float
     embed: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Checked, and kept as floats in a tuple however given: the planner caches plans by them."""
+        layers = self.layers if isinstance(self.layers, list | tuple) else ()
+        if not (layers and all(_seconds(c) and c > 0 for c in layers)):
+            raise ValueError(
+                f"stage costs need a positive time in seconds per decoder layer, got {self.layers!r}"
+            )
+        if not (_seconds(self.head) and _seconds(self.embed)):
+            raise ValueError(
+                f"stage costs need head and embed times in seconds >= 0, got head={self.head!r}, "
+                f"embed={self.embed!r}"
+            )
+        object.__setattr__(self, "layers", tuple(float(c) for c in layers))
+        object.__setattr__(self, "head", float(self.head))
+        object.__setattr__(self, "embed", float(self.embed))
+
     def save(self, path: str | Path) -> None:
         """Write the costs (seconds) as JSON, for `DSV3Strategy(layer_costs=path)`."""
         record = {"layers": list(self.layers), "head": self.head, "embed": self.embed}
@@ -58,47 +74,41 @@ class StageCosts:
         """Read what `save` wrote; a missing, unreadable or malformed file is a ValueError saying how
         to write a good one."""
         remedy = f"write one with `python -m lightning_dsv3.pipeline.costs ... --save {path}`"
+        if not str(path).strip():
+            raise ValueError(f"layer_costs is an empty path; {remedy}")
         try:
             record = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read stage costs from {path} ({err}); {remedy}") from err
-
-        def seconds(value: object) -> bool:
-            return (
-                isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and value >= 0
-            )
-
-        layers = record.get("layers") if isinstance(record, dict) else None
-        if (
-            not isinstance(layers, list)
-            or not layers
-            or not all(_seconds(c) and c > 0 for c in layers)
-            or not _seconds(record.get("head"))
-            or not _seconds(record.get("embed", 0.0))
-        ):
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            missing = [key for key in ("layers", "head") if key not in record]
+            if missing:
+                raise ValueError(f"no {' or '.join(missing)}")
+            return cls(record["layers"], record["head"], record.get("embed", 0.0))
+        except ValueError as err:
             raise ValueError(
-                f'{path} is not a stage-costs file: it needs "layers" (a positive time in seconds per '
-                f'decoder layer), "head" and "embed" (seconds, >= 0); {remedy}'
-            )
-        return cls(tuple(float(c) for c in layers), float(record["head"]), float(record.get("embed", 0.0)))
+                f'{path} is not a stage-costs file ({err}): it needs "layers" (a positive time in seconds '
+                f'per decoder layer), "head" and "embed" (seconds, >= 0); {remedy}'
+            ) from err
 
 
 def as_layer_costs(value: object) -> tuple[float, ...] | StageCosts | None:
-    """What `DSV3Strategy(layer_costs=...)` and the planner accept, in one hashable form: None, one cost
-    per layer (a tuple), or `StageCosts`, given as such, as the path of a file `StageCosts.save` wrote,
-    or as a parsed config's mapping of `layers`, `head` and `embed`."""
+    """What `DSV3Strategy(layer_costs=...)` and the planner accept, in one checked, hashable form: None,
+    one cost per layer (a tuple), or `StageCosts`, given as such, as the path of a file
+    `StageCosts.save` wrote, or as a parsed config's mapping of `layers`, `head` and `embed`."""
     if value is None or isinstance(value, StageCosts):
         return value
     if isinstance(value, str | Path):
         return StageCosts.load(value)
-    layers = value.get("layers") if isinstance(value, dict) else getattr(value, "layers", None)
-    if layers is not None:  # a mapping, or the namespace a config parser made of StageCosts' fields
-        get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
-        return StageCosts(tuple(float(c) for c in layers), float(get("head", 0.0)), float(get("embed", 0.0)))
+    if isinstance(value, dict):
+        return StageCosts(value.get("layers"), value.get("head"), value.get("embed", 0.0))  # type: ignore[arg-type]
+    if hasattr(value, "layers"):  # the namespace a config parser made of StageCosts' fields
+        return StageCosts(value.layers, getattr(value, "head", None), getattr(value, "embed", 0.0))  # type: ignore[arg-type]
     if isinstance(value, list | tuple):
+        if not (value and all(_seconds(c) and c > 0 for c in value)):
+            raise ValueError(f"layer_costs needs a positive cost per decoder layer, got {value!r}")
         return tuple(float(c) for c in value)
     raise TypeError(
         f"layer_costs must be one cost per layer, a StageCosts or the path of a costs file, got {value!r}"
@@ -106,10 +116,9 @@ def as_layer_costs(value: object) -> tuple[float, ...] | StageCosts | None:
 
 
 def _seconds(value: object) -> bool:
-    """A finite, non-negative number of seconds (JSON's true and false are not numbers here)."""
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    )
+    """A finite, non-negative number (JSON's true and false are not numbers here)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= 0  # type: ignore[arg-type,operator]
 
 
 def measure_stage_costs(
@@ -129,8 +138,8 @@ def measure_stage_costs(
     Medians of `repeats` timed runs after two untimed ones (compilation included), each between two
     synchronisations (a fixed few microseconds added to every piece). What is not timed: the expert
     all-to-all (every expert is local here, so with ep > 1 an MoE layer's exchange is left out) and
-    fp8 conversion; a layer is timed whole, as the pipeline runs every micro-batch that no FB
-    interleaves.
+    fp8 conversion; a layer is timed whole, as the pipeline runs every micro-batch whose FB has no
+    all-to-all to hide and every one that no FB interleaves.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")

@@ -3,8 +3,9 @@
 A chunk's forward is recorded as a *tape* of parts, one autograd graph each, cut at the layer's
 four parts (attention, dispatch, mlp, combine) plus the embedding and the loss. The tensors that
 cross a cut become leaves, so the backward can run one part at a time, newest first, and hand each
-part's input gradients to the part that produced those inputs. A forward that nothing interleaves
-is recorded as a tape of one part, the whole chunk (`whole=True`).
+part's input gradients to the part that produced those inputs. A forward that nothing interleaves,
+or whose FB has no all-to-all to hide (no expert parallelism), is recorded as a tape of one part,
+the whole chunk (`whole=True`).
 
 DeepSeek's overlapped forward&backward (the FB action) then steps the forward of one micro-batch and
 the backward of another in lockstep: a forward part and a backward part per step. Walking a layer's
@@ -240,11 +241,11 @@ def forward_parts(
     `first_input` is the received hidden state, or the token ids on the first stage. `params` keeps
     each part's parameter list between calls (the caller empties it when parameters may change).
 
-    `whole` records the chunk as one part, one autograd graph: for a micro-batch that no FB
-    interleaves, the cut buys nothing and costs host time, which bounds a pipeline stage on small
-    micro-batches (a compiled layer runs as one graph instead of two plus two eager parts, the
-    backward is one autograd call instead of four per layer, and no cut tensors are kept). B and W
-    still split it (B keeps the graph, W walks it for the weights) as they split a part.
+    `whole` records the chunk as one part, one autograd graph: for a micro-batch that no FB interleaves,
+    or whose FB has no all-to-all to hide, the cut buys nothing and costs host time, which bounds a
+    pipeline stage on small micro-batches (a compiled layer runs as one graph instead of two plus two
+    eager parts, the backward is one autograd call instead of four per layer, and no cut tensors are
+    kept). B and W still split it (B keeps the graph, W walks it for the weights) as they split a part.
     """
     tape.whole_backward = chunk.parts_compiled
     if whole:

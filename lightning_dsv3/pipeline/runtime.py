@@ -344,20 +344,23 @@ def part_wise_forwards(
 ) -> set[tuple[int, int]]:
     """The (micro-batch, chunk)s of a rank's list to record part by part.
 
-    Only chunks whose MoE layers exchange tokens with other ranks (`exchanges`, expert parallelism)
-    have anything to gain from the cut: there, both halves of every FB (one steps a part at a time
-    against the other, so one micro-batch's all-to-all runs while the other computes), and in an eager
-    chunk those whose W runs apart from their B (a W walks its recorded graph again for the weights;
-    over a whole chunk that repeats the expert all-to-alls, where a part-wise W skips the parts
-    without weights). A compiled chunk's B runs whole, leaving its W nothing to walk. A chunk that
-    exchanges nothing has nothing to overlap: its FB runs the forward and the backward whole, one
-    after the other, as DeepSeek's DualPipe does for a model without an overlapped forward&backward.
+    Both halves of every FB in a chunk whose MoE layers exchange tokens with other ranks (`exchanges`,
+    expert parallelism): one half steps a part at a time against the other, so one micro-batch's
+    all-to-all runs while the other computes. A chunk that exchanges nothing has nothing to overlap:
+    its FB runs both halves whole, one after the other (the backward first, which frees its
+    activations before the forward keeps new ones).
+
+    And, in an eager chunk, those whose W runs apart from their B: a W walks its recorded graph again
+    for the weights, and over a whole chunk it must pass through every layer's input gradients (and
+    repeat the expert all-to-alls) to reach the first layers' weights, where a part-wise W starts at
+    each part's own output gradient and skips the parts without weights. A compiled chunk's B runs
+    whole, leaving its W nothing to walk.
     """
     parts = set()
     for i, a in enumerate(actions):
         if a.op is Op.FB:
             parts.update(k for k in ((a.mb, a.chunk), (a.mb2, a.chunk2)) if exchanges[k[1]])
-        elif a.op is Op.W and exchanges[a.chunk] and not compiled[a.chunk] and not _follows_its_b(actions, i):
+        elif a.op is Op.W and not compiled[a.chunk] and not _follows_its_b(actions, i):
             parts.add((a.mb, a.chunk))
     return parts
 

@@ -293,7 +293,8 @@ def chunk_activation_bytes(
     """Bytes one micro-batch keeps in one model chunk (its layers, and the embedding / head / MTP it
     holds), by item summed over layers. `pipelined`: run by the pipeline runtime, which keeps the
     stage output until its gradient comes back and, where it records the forward part by part
-    (`part_wise`: a micro-batch an FB interleaves), the tensors cut between a layer's parts
+    (`part_wise`: under expert parallelism a micro-batch an FB interleaves; eager, one whose W runs
+    apart from its B), the tensors cut between a layer's parts
     (`pipeline/overlap.py`).
     `expert_imbalance` may map layer ids (MTP depth k is layer n_layers + k - 1) to their own factor."""
     kernels = kernels or Kernels()

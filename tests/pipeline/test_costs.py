@@ -106,6 +106,41 @@ def test_a_bad_costs_file_is_refused_with_the_remedy(tmp_path: Path, text: str) 
         StageCosts.load(path)
 
 
+@pytest.mark.parametrize(
+    "given",
+    [{"layers": [-1.0, 1.0], "head": 0.0}, {"layers": "abc", "head": 0.0}, {"layers": [1.0]}, [1.0, 0.0], [],
+     [float("nan")]],
+    ids=["negative", "a-string", "no-head", "a-zero-layer", "empty", "nan"],
+)  # fmt: skip
+def test_bad_costs_in_any_form_are_refused(given: object) -> None:
+    with pytest.raises(ValueError, match="positive|seconds"):
+        as_layer_costs(given)
+
+
+def test_costs_given_as_lists_are_kept_hashable() -> None:
+    """The planner caches stage plans by the costs: a StageCosts made from a list keeps a tuple."""
+    costs = StageCosts([1.0, 2.0], 0)  # type: ignore[arg-type]
+    assert costs.layers == (1.0, 2.0) and isinstance(costs.head, float)
+    assert hash(costs) == hash(StageCosts((1.0, 2.0), 0.0))
+    with pytest.raises(ValueError, match="empty path"):
+        as_layer_costs("")
+
+
+def test_a_cluster_plan_takes_the_costs_file(tmp_path: Path) -> None:
+    from lightning_dsv3.plan import GPUS
+    from lightning_dsv3.plan.cluster import plan_cluster
+
+    n = CONFIG.n_layers
+    path = tmp_path / "costs.json"
+    StageCosts(layers=(1.0,) * n, head=0.0).save(path)
+    args = dict(config=CONFIG, gpus=2, gpu=GPUS["h100"], pp=2, ep=1, schedule="1f1b", precision="bf16-mixed",
+                global_batch=4, seq_len=16, micro_batch_size=1)  # fmt: skip
+    by_flops, measured = plan_cluster(**args), plan_cluster(**args, layer_costs=str(path))
+    assert measured.parallel.layer_costs == StageCosts.load(path)
+    stage0 = [plan.memory["this"].ranks[0].params_bytes for plan in (by_flops, measured)]
+    assert stage0[0] != stage0[1]  # the FLOP cut loads stage 0 with 3 of 4 layers, the even cut with 2
+
+
 def test_a_missing_costs_file_fails_when_the_strategy_is_made(tmp_path: Path) -> None:
     from lightning_dsv3 import DSV3Strategy
 

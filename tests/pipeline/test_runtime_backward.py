@@ -108,15 +108,15 @@ def test_a_whole_recorded_chunk_splits_and_matches_the_part_wise_one() -> None:
 
 
 def test_what_is_recorded_part_by_part() -> None:
-    """Where a chunk exchanges tokens: both halves of every FB, and in an eager chunk a micro-batch whose
-    W runs apart from its B (a whole chunk's W would walk the all-to-alls again); nothing else. A chunk
-    that exchanges nothing records every forward whole."""
+    """Where a chunk exchanges tokens, both halves of every FB; in an eager chunk a micro-batch whose W
+    runs apart from its B (a whole chunk's W would walk every layer's input gradients, and the
+    all-to-alls, again); nothing else."""
     assert not part_wise_forwards(make_schedule("1f1b", 2, 4).actions[0], [False], [True])
     zb1p = make_schedule("zb1p", 2, 4).actions[1]  # stage 1 sends its input gradient before W
     apart = {(a.mb, a.chunk) for i, a in enumerate(zb1p) if a.op is Op.W and zb1p[i - 1].op is not Op.B}
     assert apart and part_wise_forwards(zb1p, [False], [True]) == apart
     assert not part_wise_forwards(zb1p, [True], [True])  # compiled: B runs whole, W walks nothing
-    assert not part_wise_forwards(zb1p, [False], [False])  # no all-to-all for a W to repeat
+    assert part_wise_forwards(zb1p, [False], [False]) == apart  # a W apart costs as much without one
     actions = make_schedule("dualpipe", 2, 8).actions[0]
     parts = part_wise_forwards(actions, [True, True], [True, True])
     fbs = [a for a in actions if a.op is Op.FB]
@@ -124,7 +124,7 @@ def test_what_is_recorded_part_by_part() -> None:
     forwards = {(a.mb, a.chunk) for a in actions if a.op is Op.F}
     assert forwards - parts  # the warm-up's forwards are recorded whole
     assert not part_wise_forwards(actions, [True, True], [False, False])  # nothing to overlap
-    one = part_wise_forwards(actions, [False, False], [True, False])  # only chunk 0 exchanges
+    one = part_wise_forwards(actions, [True, True], [True, False])  # only chunk 0 exchanges
     assert one and {c for _, c in one} == {0}
 
 
