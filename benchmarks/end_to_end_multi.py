@@ -8,6 +8,8 @@ Lightning's DDP and FSDP strategies; tokens/s, MFU, and each layout's loss curve
              `dsv3` is pp = dp = ep = 1 (the one-device baseline below)
   compile=1  after any of them (ddp:compile=1, dsv3:pp=2,compile=1) builds the module with
              `DeepSeekV3Module(compile=True)`; `--compile` does so for every variant
+  gc=N       after any of them: the `GarbageCollection(every_n_steps=N)` callback (Python's
+             automatic collection off, a collection every N steps on every rank at once)
 
 Every variant trains the same model from the same initial weights on `--global-batch` sequences per
 step, split over the data slices of its layout (world / pp), from the standard-library corpus. Speed
@@ -47,7 +49,7 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -57,6 +59,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from benchmarks.end_to_end import StepTimer, matmul_peak_tflops
 from benchmarks.results_io import markdown_table, write_result
 from lightning_dsv3 import DSV3Strategy
+from lightning_dsv3.callbacks import GarbageCollection
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.data import DSV3DataModule
 from lightning_dsv3.flops import train_flops
@@ -86,21 +89,33 @@ def parse_layout(text: str) -> dict[str, Any]:
     return layout
 
 
-def parse_variant(variant: str) -> tuple[str, dict[str, Any], bool]:
-    """ "dsv3:pp=2,schedule=dualpipe,compile=1" -> ("dsv3", {"pp": 2, "schedule": "dualpipe"}, True)."""
+class Variant(NamedTuple):
+    """One variant of the command line: the strategy's kind and layout, and the options after it."""
+
+    kind: str
+    layout: dict[str, Any]
+    compile: bool = False
+    gc_every: int = 0  # GarbageCollection's every_n_steps; 0: Python's automatic collection
+
+
+def parse_variant(variant: str) -> Variant:
+    """ "dsv3:pp=2,schedule=dualpipe,compile=1,gc=50" -> Variant("dsv3", {"pp": 2, "schedule": "dualpipe"},
+    True, 50)."""
     kind, _, text = variant.partition(":")
     layout = parse_layout(text)
-    compile_ = bool(layout.pop("compile", 0))
+    compile_, gc_every = bool(layout.pop("compile", 0)), int(layout.pop("gc", 0))
     if kind not in ("ddp", "fsdp", "dsv3"):
-        raise ValueError(f"unknown variant {variant!r}: use ddp, fsdp or dsv3:<layout> (compile=1 optional)")
+        raise ValueError(
+            f"unknown variant {variant!r}: use ddp, fsdp or dsv3:<layout> (compile=1, gc=N optional)"
+        )
     if kind != "dsv3" and layout:
-        raise ValueError(f"{kind} takes no layout, only compile=1; got {variant!r}")
-    return kind, layout, compile_
+        raise ValueError(f"{kind} takes no layout, only compile=1 and gc=N; got {variant!r}")
+    return Variant(kind, layout, compile_, gc_every)
 
 
 def make_strategy(variant: str) -> tuple[Strategy, int]:
     """The strategy of a variant and its pipeline depth (data slices = world / pp)."""
-    kind, layout, _ = parse_variant(variant)
+    kind, layout = parse_variant(variant)[:2]
     if kind == "ddp":
         return DDPStrategy(), 1
     if kind == "fsdp":
@@ -147,7 +162,8 @@ def global_batch_losses(losses: list[float], strategy: Strategy) -> list[float]:
 def train(variant: str, args: argparse.Namespace, world: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     strategy, pp = make_strategy(variant)
-    compile_ = parse_variant(variant)[2] or args.compile
+    options = parse_variant(variant)
+    compile_ = options.compile or args.compile
     slices = world // pp
     if args.global_batch % slices:
         raise ValueError(f"--global-batch {args.global_batch} does not split into {slices} data slices")
@@ -164,7 +180,7 @@ def train(variant: str, args: argparse.Namespace, world: int) -> dict[str, Any]:
         accelerator="gpu" if cuda else "cpu", devices=world, strategy=strategy, max_steps=args.steps,
         precision="bf16-mixed" if cuda else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[timer, batches],
+        callbacks=[timer, batches] + ([GarbageCollection(options.gc_every)] if options.gc_every else []),
     )  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -12,14 +12,16 @@ import pytest
 from benchmarks.end_to_end_multi import curve_settings, load_baseline, parse_variant, same_batches
 
 
-def test_compile_is_an_option_of_every_variant() -> None:
+def test_compile_and_gc_are_options_of_every_variant() -> None:
     assert parse_variant("dsv3:pp=2,schedule=dualpipe,n_microbatches=8,compile=1") == (
         "dsv3",
         {"pp": 2, "schedule": "dualpipe", "n_microbatches": 8},
         True,
+        0,
     )
-    assert parse_variant("ddp:compile=1") == ("ddp", {}, True)
-    assert parse_variant("fsdp") == ("fsdp", {}, False)
+    assert parse_variant("ddp:compile=1,gc=50") == ("ddp", {}, True, 50)
+    assert parse_variant("dsv3:pp=2,gc=10") == ("dsv3", {"pp": 2}, False, 10)
+    assert parse_variant("fsdp") == ("fsdp", {}, False, 0)
     with pytest.raises(ValueError, match="takes no layout"):
         parse_variant("ddp:pp=2")
     with pytest.raises(ValueError, match="unknown variant"):

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from checks import (
     GLOBAL_BATCH,
+    OVERRIDES,
     STEPS,
     check_layout,
     check_results,
@@ -15,6 +16,8 @@ from checks import (
     reference_val_loss,
     validate_run,
 )
+
+from lightning_dsv3.config import get_preset
 
 SCHEDULES = ["gpipe", "1f1b", "zb1p", "interleaved_1f1b", "dualpipe", "dualpipev"]
 
@@ -48,6 +51,18 @@ def test_pp4_matches_one_process(pool4, ref, schedule: str) -> None:
 @pytest.mark.parametrize("mesh", [{"dp": 2}, {"ep": 2}], ids=["pp2xdp2", "pp2xep2"])
 def test_pp2_with_data_or_expert_parallel_and_zero(pool4, ref, schedule: str, mesh: dict[str, Any]) -> None:
     check_layout(pool4, {"pp": 2, **mesh, "schedule": schedule, "zero": True}, ref)
+
+
+def test_an_fb_pairing_a_whole_half_with_a_part_wise_half_matches_one_process(pool4, ref) -> None:
+    """pp=2 x ep=2 DualPipeV with the dense layer 0 cut as its own stage: on rank 0 every FB pairs
+    that chunk, which exchanges nothing and is recorded whole, with one whose experts exchange tokens,
+    recorded part by part."""
+    n_layers = get_preset("debug", **OVERRIDES).n_layers
+    layout = {"pp": 2, "ep": 2, "schedule": "dualpipev", "zero": True,
+              "layer_costs": [10.0 * n_layers] + [1.0] * (n_layers - 1)}  # fmt: skip
+    results = check_layout(pool4, layout, ref)
+    assert all(r["stage_layers"][0] == (0, 1) for r in results)
+    assert any(a.startswith("FB(") for r in results for a in r["actions"])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,71 @@
+"""GarbageCollection: automatic collection off for the fit, a collection every n optimizer steps, and
+the collector's state given back however the fit ends."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_dsv3.callbacks import GarbageCollection
+
+
+class _Probe(pl.Callback):
+    """Whether automatic collection was on at each batch."""
+
+    def __init__(self) -> None:
+        self.enabled: list[bool] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.enabled.append(gc.isenabled())
+
+
+def _fit(callbacks: list[pl.Callback], model: pl.LightningModule | None = None, **trainer: Any) -> None:
+    options = dict(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    pl.Trainer(callbacks=callbacks, **{**options, **trainer}).fit(model or BoringModel())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_collects_every_n_optimizer_steps_with_automatic_collection_off(
+    monkeypatch: pytest.MonkeyPatch, accumulate: int
+) -> None:
+    collected: list[int] = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation) or real(generation))
+    probe = _Probe()
+    assert gc.isenabled()
+    _fit([GarbageCollection(every_n_steps=2), probe], accumulate_grad_batches=accumulate)
+    assert probe.enabled == [False] * 6 * accumulate
+    assert collected == [2, 1, 1, 1]  # a full collection at the start, then after steps 2, 4 and 6
+    assert gc.isenabled()
+
+
+def test_the_collector_is_turned_back_on_when_the_fit_fails() -> None:
+    class Failing(BoringModel):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit([GarbageCollection(every_n_steps=1)], Failing())
+    assert gc.isenabled()
+
+
+def test_a_collector_that_was_off_stays_off() -> None:
+    gc.disable()
+    try:
+        _fit([GarbageCollection()])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("kwargs", [{"every_n_steps": 0}, {"generation": 3}])
+def test_bad_settings_are_refused(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="every_n_steps|generation"):
+        GarbageCollection(**kwargs)
