@@ -108,6 +108,8 @@ def parse_variant(variant: str) -> Variant:
         raise ValueError(
             f"unknown variant {variant!r}: use ddp, fsdp or dsv3:<layout> (compile=1, gc=N optional)"
         )
+    if gc_every < 0:
+        raise ValueError(f"gc=N takes the steps between collections (N >= 1; 0: off), got {variant!r}")
     if kind != "dsv3" and layout:
         raise ValueError(f"{kind} takes no layout, only compile=1 and gc=N; got {variant!r}")
     return Variant(kind, layout, compile_, gc_every)

@@ -4,19 +4,36 @@ The cyclic collector starts whenever allocations of container objects outrun dea
 threshold. A training step makes many short-lived ones (autograd nodes, tensor wrappers, the pipeline
 runtime's tapes and events), so collections come every few steps, in the middle of a step and at a
 different moment on each rank. Where the host bounds the step (small micro-batches, many kernels) the
-device waits for each pause; under a pipeline, one rank's pause also stalls every rank that waits for
-its sends, so each rank's pauses add up across the pipeline. `GarbageCollection` turns automatic
-collection off for the fit and collects after every `every_n_steps`-th optimizer step on every rank
-(torchtitan and Megatron-LM offer the same switch). Reference cycles live at most that many steps.
+device waits for each pause; under a pipeline, one rank's pause also stalls the ranks that wait for
+its sends. `GarbageCollection` turns automatic collection off for the fit and collects after every
+`every_n_steps`-th optimizer step on every rank (Megatron-LM and torchtitan offer the same switch).
+With the default full collection, garbage cycles live at most that many steps.
+
+Two collections it does not move: torch.compile collects after compiling a graph (dynamo's
+`run_gc_after_compile`; compilation happens in the first steps, or on a recompile), and DataLoader
+workers forked during the fit get automatic collection back (a fork hook), since this callback
+collects in the training process only.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+
+_ACTIVE: set[int] = set()  # ids of the callbacks that turned automatic collection off in this process
+
+
+def _enable_in_forked_child() -> None:
+    if _ACTIVE:
+        _ACTIVE.clear()
+        gc.enable()
+
+
+os.register_at_fork(after_in_child=_enable_in_forked_child)
 
 
 class GarbageCollection(Callback):
@@ -24,17 +41,16 @@ class GarbageCollection(Callback):
 
     Args:
         every_n_steps: optimizer steps between collections (the same on every rank).
-        generation: the oldest generation collected then (0-2; 1 is fast and catches the cycles a
-            step leaves; a full collection, 2, also runs once when the fit starts).
+        generation: the oldest generation collected then: 2 (the default) is a full collection; 1 is
+            faster, but whatever survived a collection (a step's outputs, logged values) moves to the
+            oldest generation and its cycles then wait for the end of the fit.
     """
 
-    def __init__(self, every_n_steps: int = 50, generation: int = 1) -> None:
+    def __init__(self, every_n_steps: int = 50, generation: int = 2) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if generation not in (0, 1, 2):
-            raise ValueError(
-                f"generation must be 0, 1 or 2 (Python's collector generations), got {generation}"
-            )
+            raise ValueError(f"generation must be 0, 1 or 2 (the collector's generations), got {generation}")
         self.every_n_steps = every_n_steps
         self.generation = generation
         self._was_enabled: bool | None = None  # gc's state before the fit, restored after it
@@ -44,6 +60,7 @@ class GarbageCollection(Callback):
         self._was_enabled = gc.isenabled()
         gc.collect()
         gc.disable()
+        _ACTIVE.add(id(self))
         self._last_step = trainer.global_step
 
     def on_train_batch_end(
@@ -63,6 +80,7 @@ class GarbageCollection(Callback):
         self._restore()
 
     def _restore(self) -> None:
+        _ACTIVE.discard(id(self))
         if self._was_enabled:
             gc.enable()
         self._was_enabled = None

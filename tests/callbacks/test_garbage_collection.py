@@ -13,6 +13,15 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_dsv3.callbacks import GarbageCollection
 
 
+@pytest.fixture(autouse=True)
+def _collector_restored() -> Any:
+    """A failing test must not leave automatic collection off for the rest of the session."""
+    was = gc.isenabled()
+    yield
+    if was:
+        gc.enable()
+
+
 class _Probe(pl.Callback):
     """Whether automatic collection was on at each batch."""
 
@@ -38,10 +47,29 @@ def test_collects_every_n_optimizer_steps_with_automatic_collection_off(
     monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation) or real(generation))
     probe = _Probe()
     assert gc.isenabled()
-    _fit([GarbageCollection(every_n_steps=2), probe], accumulate_grad_batches=accumulate)
+    _fit([GarbageCollection(every_n_steps=2, generation=1), probe], accumulate_grad_batches=accumulate)
     assert probe.enabled == [False] * 6 * accumulate
     assert collected == [2, 1, 1, 1]  # a full collection at the start, then after steps 2, 4 and 6
     assert gc.isenabled()
+
+
+def test_a_child_forked_during_the_fit_collects_on_its_own() -> None:
+    """DataLoader workers forked mid-fit would inherit the disabled collector; a fork hook turns it on."""
+    import multiprocessing
+
+    class ForkProbe(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1:
+                ctx = multiprocessing.get_context("fork")
+                queue = ctx.SimpleQueue()
+                child = ctx.Process(target=lambda: queue.put(gc.isenabled()))
+                child.start()
+                self.child_enabled = queue.get()
+                child.join()
+
+    probe = ForkProbe()
+    _fit([GarbageCollection(), probe], max_steps=2)
+    assert probe.child_enabled
 
 
 def test_the_collector_is_turned_back_on_when_the_fit_fails() -> None:

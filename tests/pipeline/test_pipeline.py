@@ -62,7 +62,8 @@ def test_an_fb_pairing_a_whole_half_with_a_part_wise_half_matches_one_process(po
               "layer_costs": [10.0 * n_layers] + [1.0] * (n_layers - 1)}  # fmt: skip
     results = check_layout(pool4, layout, ref)
     assert all(r["stage_layers"][0] == (0, 1) for r in results)
-    assert any(a.startswith("FB(") for r in results for a in r["actions"])
+    fbs = [a for a in results[0]["actions"] if a.startswith("FB(")]  # pipeline rank 0: stages 0 and 3
+    assert fbs and all(sorted(half.split(".")[1] for half in a[3:-1].split("|")) == ["0", "1"] for a in fbs)
 
 
 @pytest.mark.parametrize(
