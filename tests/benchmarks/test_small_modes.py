@@ -45,6 +45,7 @@ SMALL_MODES = {
         "layer",
     ],
     "overlap": ["--preset", "debug", "--layers", "2", "--tokens", "64", "--seq-len", "32", "--reps", "1"],
+    "gc_pause": ["--preset", "debug", "--young", "100", "--repeats", "1"],
     "part_calls": [
         "--preset",
         "debug",
@@ -117,6 +118,10 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
     elif script == "checkpointing":
         saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
         assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
+    elif script == "gc_pause":  # frozen, the long-lived objects leave the full collection's walk
+        rows = {r[0]: r for r in _table(text)}
+        assert int(rows["as Python sees it"][1].replace(",", "")) > 10_000
+        assert rows["after gc.freeze()"][1] == "0"
     elif script == "part_calls":  # the chunk whole, by parts on two streams and by parts on one
         rows = _table(text)
         assert [r[0].split()[0] for r in rows] == ["whole", "parts", "parts,"]

@@ -16,20 +16,24 @@ from lightning_dsv3.callbacks import GarbageCollection
 @pytest.fixture(autouse=True)
 def _collector_restored() -> Any:
     """A failing test must not leave automatic collection off for the rest of the session."""
-    was = gc.isenabled()
+    was, frozen = gc.isenabled(), gc.get_freeze_count()
     yield
+    if not frozen:
+        gc.unfreeze()
     if was:
         gc.enable()
 
 
 class _Probe(pl.Callback):
-    """Whether automatic collection was on at each batch."""
+    """Whether automatic collection was on at each batch, and how many objects were frozen."""
 
     def __init__(self) -> None:
         self.enabled: list[bool] = []
+        self.frozen: list[int] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self.enabled.append(gc.isenabled())
+        self.frozen.append(gc.get_freeze_count())
 
 
 def _fit(callbacks: list[pl.Callback], model: pl.LightningModule | None = None, **trainer: Any) -> None:
@@ -50,7 +54,8 @@ def test_collects_every_n_optimizer_steps_with_automatic_collection_off(
     _fit([GarbageCollection(every_n_steps=2, generation=1), probe], accumulate_grad_batches=accumulate)
     assert probe.enabled == [False] * 6 * accumulate
     assert collected == [2, 1, 1, 1]  # a full collection at the start, then after steps 2, 4 and 6
-    assert gc.isenabled()
+    assert min(probe.frozen) > 0  # what was alive at the start is out of the collector's sight
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_a_child_forked_during_the_fit_collects_on_its_own() -> None:
@@ -84,12 +89,15 @@ def test_the_collector_is_turned_back_on_when_the_fit_fails() -> None:
     assert gc.isenabled()
 
 
-def test_a_collector_that_was_off_stays_off() -> None:
+def test_a_collector_that_was_off_stays_off_and_frozen_objects_stay_frozen() -> None:
     gc.disable()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
     try:
         _fit([GarbageCollection()])
-        assert not gc.isenabled()
+        assert not gc.isenabled() and gc.get_freeze_count() >= frozen
     finally:
+        gc.unfreeze()
         gc.enable()
 
 
