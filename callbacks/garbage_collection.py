@@ -11,8 +11,9 @@ With the default full collection, garbage cycles live at most that many steps.
 
 A full collection walks every tracked object: with torch, Lightning and the mini preset's module
 loaded that is some 457K objects and 238 ms on a CPU host, each time. So when the fit starts, after
-one full collection, everything alive is frozen (`gc.freeze`: moved out of the collector's sight; it
-lives for the whole fit anyway), and later collections walk only what the fit made since: 0.8 ms for
+one full collection, everything alive is frozen (`gc.freeze`: moved out of the collector's sight;
+nearly all of it lives for the whole fit anyway, and a cycle among it that dies during the fit waits
+for the fit's end), and later collections walk only what the fit made since: 0.8 ms for
 the same full collection (`benchmarks/gc_pause.py`; its result file is quoted in README).
 
 Two collections it does not move: torch.compile collects after compiling a graph (dynamo's
