@@ -20,8 +20,6 @@ cost most in the part-wise call.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -32,6 +30,7 @@ from benchmarks.profile_step import SYNC_OPS, device_kernels
 from benchmarks.results_io import markdown_table, synchronize, write_result
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.pipeline.costs import median_seconds
 from lightning_dsv3.pipeline.overlap import Chain, ParamCache, Streams, Tape, forward_parts
 
 ALLOCATOR_OPS = {"cudaMalloc", "cudaFree"}
@@ -75,21 +74,13 @@ def measure(
         step()
         chunk.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        one()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        one()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    step_ms = median_seconds(one, device, warmup, steps) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             one()
         synchronize(device)
-    return statistics.median(times), prof.key_averages()
+    return step_ms, prof.key_averages()
 
 
 def main() -> None:

@@ -171,16 +171,7 @@ def measure_stage_costs(
             out.backward(torch.ones_like(out) if out.dim() == 0 else hidden.to(out.dtype))
             model.zero_grad(set_to_none=True)
 
-        for _ in range(2):
-            run()
-        times = []
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            run()
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(run, device, warmup=2, repeats=repeats)
 
     blocks = {block.layer_id: block for block in model.blocks()}
     per_kind = {
@@ -191,6 +182,21 @@ def measure_stage_costs(
     embed = timed(lambda: model.embed_tokens(tokens[:, :-1]))
     layers = tuple(per_kind[config.is_moe_layer(i)] for i in range(config.n_layers))
     return StageCosts(layers=layers, head=head, embed=embed)
+
+
+def median_seconds(run: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of `run()` over `repeats` calls after `warmup` untimed ones, each call between
+    two synchronisations of `device` (the host clock then spans the device's work)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _synchronize(device: torch.device) -> None:

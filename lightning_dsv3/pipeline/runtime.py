@@ -5,11 +5,11 @@ SEND/RECV actions is posted as one `batch_isend_irecv` and completed before the 
 (the contract in the schedules module docstring). Where two consecutive stages live on this rank
 (DualPipeV's turn) the tensor is handed over in memory.
 
-In a chunk whose MoE layers exchange tokens (expert parallelism), a forward that an FB interleaves
-(its own, or its micro-batch's backward) is recorded part by part (see `overlap.py`), so its
-backward runs part by part too: the overlapped FB action interleaves one micro-batch's forward with
-another's backward. So is, in an eager chunk, one whose W runs apart from its B
-(`part_wise_forwards` says why). Every other forward is recorded whole, one graph through the chunk
+Two kinds of forward are recorded part by part (see `overlap.py`), so their backwards run part by
+part too: in a chunk whose MoE layers exchange tokens (expert parallelism), one that an FB
+interleaves (its own, or its micro-batch's backward), since the overlapped FB action interleaves one
+micro-batch's forward with another's backward; and, in an eager chunk, one whose W runs apart from
+its B (`part_wise_forwards` says why). Every other forward is recorded whole, one graph through the chunk
 (`forward_parts(whole=True)`): the parts would only add host work, and without an all-to-all there
 is nothing to overlap. Backward for inputs (B) and for weights (W) are split per recorded part (B
 keeps the part's graph, W walks it again for the weights). A B followed at once by its own W (stage
@@ -140,6 +140,10 @@ class PipelineRuntime:
         self._peer_ranks = [global_rank(r) for r in range(schedule.pp)]  # read per transfer: kept
         self.loss_fn = loss_fn
         self._part_params: ParamCache = {}
+        # what decides part-wise recording, read once: the chunks come compiled and with their
+        # dispatchers installed (the strategy builds the runtime after both)
+        self._compiled = [c.parts_compiled for c in chunks]
+        self._exchanges = [exchanges_tokens(c) for c in chunks]
         device = next(chunks[0].parameters()).device
         self.streams = Streams(device)
         self.action_clock = ActionClock(device)
@@ -175,9 +179,7 @@ class PipelineRuntime:
         self.action_clock.start()
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         actions = schedule.actions[self.rank]
-        compiled = [c.parts_compiled for c in self.chunks]
-        exchanges = [exchanges_tokens(c) for c in self.chunks]  # read per step: dispatchers may be swapped
-        state = _State(part_wise=part_wise_forwards(actions, compiled, exchanges))
+        state = _State(part_wise=part_wise_forwards(actions, self._compiled, self._exchanges))
         i = 0
         while i < len(actions):
             action = actions[i]

@@ -264,14 +264,14 @@ def memory_plan(
     ranks = []
     for pp_rank in range(parallel.pp):
         specs = chunks_of(config, plan, pp_rank)
+        # the runtime records a forward part by part where, under ep > 1, an FB interleaves it (under
+        # DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted for
+        # every micro-batch of a rank that has any (compiled or not: the plan cannot tell)
+        part_wise = plan is not None and bool(_part_wise_forwards(config, plan, pp_rank, parallel.ep))
         per_chunk = [
             chunk_activation_bytes(
                 config, spec, micro_batch_size, seq_len, precision, kernels, option, parallel.ep,
-                expert_imbalance, plan is not None, implementation,
-                # under ep > 1 the runtime records a forward part by part where an FB interleaves it
-                # (under DualPipe(V) most micro-batches) or, eager, where its W runs apart from its B: counted
-                # for every micro-batch of a rank that has any (compiled or not: the plan cannot tell)
-                part_wise=plan is not None and bool(_part_wise_forwards(config, plan, pp_rank, parallel.ep)),
+                expert_imbalance, plan is not None, implementation, part_wise=part_wise,
             )
             for spec in specs
         ]  # fmt: skip
