@@ -10,6 +10,16 @@ Three ways to send them to the experts' ranks and back:
 ms is one dispatch + combine (forward), the median over reps of the slowest rank; GB/s is the bytes
 this rank hands to the collectives (10^9 bytes/s) over that time.
 
+`--breakdown` adds, at every size, the same dispatch + combine taken apart (each part timed alone, as
+above): the payload's two all_to_all_single calls with the dispatch's own variable splits known
+beforehand; those plus the two block transposes (all of a call but its count exchange); the count
+exchange with its host read alone. What the full call costs beyond the parts is the host waiting.
+
+`--nvshmem` adds the library's device-initiated exchange at every size: torch's NVSHMEM
+`symm_mem.all_to_all_vdev_2d` there and `all_to_all_vdev_2d_offset` back, on symmetric buffers (the
+splits stay on the device and the rows land grouped by local expert: no count exchange read on the
+host and no transposes, the two costs `--breakdown` shows), checked to return every row exactly.
+
 `--profile MIB` adds torch.profiler's view of a few bf16 dispatch + combine calls at MIB MiB: the host
 ops and device kernels that take the most time per call, and the share of the call the host spends
 outside any op (Python and waiting), to attribute the fixed cost; `--trace` keeps each rank's
@@ -31,12 +41,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._symmetric_memory as symm_mem
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profile_step import SYNC_OPS, device_kernels
 from benchmarks.results_io import markdown_table, payload_sizes_mib, payload_sweep_parser, write_result
 from lightning_dsv3.parallel.compression import Fp8BlockCodec
-from lightning_dsv3.parallel.expert import AllToAllDispatcher
+from lightning_dsv3.parallel.expert import AllToAllDispatcher, move_rows
 from lightning_dsv3.parallel.telemetry import CommTelemetry, Link
 
 PROFILED_CALLS = 5
@@ -81,6 +92,87 @@ def dispatch_combine(dispatcher: AllToAllDispatcher, tokens: torch.Tensor, count
     dispatcher.combine(received, ctx)
 
 
+def breakdown_rows(
+    mib: int, args: argparse.Namespace, link: Link, device: torch.device, dtype: torch.dtype, base: float
+) -> list[list[object]]:
+    """The bf16 dispatch + combine at `mib` MiB taken apart, one table row per part (ms against `base`,
+    the plain pair's ms): splits known beforehand, then transposes added, then the count exchange alone."""
+    world = dist.get_world_size()
+    dispatcher = AllToAllDispatcher(link, world, args.experts_per_rank)
+    tokens, counts = routed_rows(mib, args, device, dtype)
+    _, _, plan = dispatcher.dispatch(tokens, counts)  # the splits, read once here
+
+    def payload_only() -> None:
+        received = link.all_to_all(tokens, plan.recv_splits, plan.send_splits, "dispatch")
+        link.all_to_all(received, plan.send_splits, plan.recv_splits, "combine")
+
+    def with_transposes() -> None:
+        received = move_rows(tokens, link, plan, True, None, "dispatch")
+        move_rows(received, link, plan, False, None, "combine")
+
+    def counts_only() -> None:
+        link.all_to_all_equal(counts, "dispatch_counts").tolist()
+
+    parts = [
+        ("payload all_to_all x2, splits known", payload_only),
+        ("+ block transposes (no count exchange)", with_transposes),
+        ("count exchange + host read alone", counts_only),
+    ]
+    rows = []
+    with torch.no_grad():
+        for name, fn in parts:
+            ms = time_ms(fn, device, args.reps)
+            rows.append([mib, name, f"{ms:.3f}", "", f"{base / ms:.2f}x"])
+    return rows
+
+
+def enable_nvshmem(device: torch.device) -> None:
+    """torch's symmetric memory on NVSHMEM for this process (before the first symmetric tensor)."""
+    if device.type != "cuda" or not symm_mem.is_nvshmem_available():
+        raise SystemExit("--nvshmem needs CUDA devices and a torch build whose NVSHMEM library loads")
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", "8G")  # dispatch, receive and return buffers at 512 MiB
+    symm_mem.set_backend("NVSHMEM")
+
+
+def nvshmem_row(
+    mib: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, base: float
+) -> list:
+    """NVSHMEM dispatch + combine of the same routed rows (ms against `base`, the plain pair's ms)."""
+    world, group = dist.get_world_size(), dist.group.WORLD.group_name
+    tokens, counts = routed_rows(mib, args, device, dtype)
+    rows, dim = tokens.shape
+
+    def symmetric(shape: tuple[int, ...], like: torch.dtype) -> torch.Tensor:
+        t = symm_mem.empty(shape, dtype=like, device=device)
+        symm_mem.rendezvous(t, group=group)
+        return t
+
+    sent, back = symmetric((rows, dim), dtype), symmetric((rows, dim), dtype)
+    received = symmetric((rows * world, dim), dtype)  # every row could go to one rank
+    splits = symmetric((world * args.experts_per_rank,), torch.int64)
+    arrived, returned = (symmetric((2, world * args.experts_per_rank), torch.int64) for _ in range(2))
+    sent.copy_(tokens)
+    splits.copy_(counts)
+
+    def exchange() -> None:
+        torch.ops.symm_mem.all_to_all_vdev_2d(sent, received, splits, arrived, group)
+        torch.ops.symm_mem.all_to_all_vdev_2d_offset(received, back, arrived, returned, group)
+
+    with torch.no_grad():
+        ms = time_ms(exchange, device, args.reps)
+    exact = torch.equal(back, tokens) and torch.equal(returned[0], counts)
+    if not exact:
+        raise RuntimeError(f"NVSHMEM dispatch + combine at {mib} MiB did not return every row")
+    payload = tokens.numel() * tokens.element_size()
+    return [
+        mib,
+        "NVSHMEM all_to_all_vdev_2d",
+        f"{ms:.3f}",
+        f"{2 * payload / ms / 1e6:.2f}",
+        f"{base / ms:.2f}x",
+    ]
+
+
 def bench_size(
     mib: int, args: argparse.Namespace, link: Link, device: torch.device, dtype: torch.dtype
 ) -> list[list[object]]:
@@ -105,10 +197,15 @@ def bench_size(
         (str(dtype).removeprefix("torch."), bf16, 2 * payload),
         ("fp8 dispatch", packed, fp8.codec.nbytes(tokens.shape) + payload),  # packed there, bf16 back
     ]
-    return [
+    rows = [
         [mib, mode, f"{ms:.3f}", f"{nbytes / ms / 1e6:.2f}", f"{base / ms:.2f}x"]
         for mode, ms, nbytes in modes
     ]
+    if args.breakdown:
+        rows += breakdown_rows(mib, args, link, device, dtype, base)
+    if args.nvshmem:
+        rows.append(nvshmem_row(mib, args, device, dtype, base))
+    return rows
 
 
 def profile_size(
@@ -169,6 +266,8 @@ def _top_table(what: str, events: list, key: str, top: int) -> str:
 def main() -> None:
     parser = payload_sweep_parser(__doc__)
     parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--breakdown", action="store_true", help="also time the bf16 call's parts")
+    parser.add_argument("--nvshmem", action="store_true", help="also torch's NVSHMEM exchange (GPUs only)")
     parser.add_argument("--profile", type=int, default=None, metavar="MIB", help="also profile at MIB MiB")
     parser.add_argument("--top", type=int, default=15, help="with --profile: rows per table")
     parser.add_argument(
@@ -182,6 +281,8 @@ def main() -> None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if args.nvshmem:
+        enable_nvshmem(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -7,7 +7,9 @@ Lightning's DDP and FSDP strategies; tokens/s, MFU, and each layout's loss curve
              dsv3:pp=2,schedule=dualpipev,n_microbatches=8; dp is inferred from the world size; plain
              `dsv3` is pp = dp = ep = 1 (the one-device baseline below)
   compile=1  after any of them (ddp:compile=1, dsv3:pp=2,compile=1) builds the module with
-             `DeepSeekV3Module(compile=True)`; `--compile` does so for every variant
+             `DeepSeekV3Module(compile=True)`; `--compile` does so for every variant;
+             compile=MODE takes torch.compile's mode (compile=reduce-overhead: CUDA graphs, which a
+             pipeline stage captures per micro-batch in flight)
   gc=N       after any of them: the `GarbageCollection(every_n_steps=N)` callback (Python's
              automatic collection off, a collection every N steps on every rank at once)
 
@@ -94,7 +96,7 @@ class Variant(NamedTuple):
 
     kind: str
     layout: dict[str, Any]
-    compile: bool = False
+    compile: bool | str = False  # True, or torch.compile's mode
     gc_every: int = 0  # GarbageCollection's every_n_steps; 0: Python's automatic collection
 
 
@@ -103,7 +105,8 @@ def parse_variant(variant: str) -> Variant:
     True, 50)."""
     kind, _, text = variant.partition(":")
     layout = parse_layout(text)
-    compile_, gc_every = bool(layout.pop("compile", 0)), int(layout.pop("gc", 0))
+    mode, gc_every = layout.pop("compile", 0), int(layout.pop("gc", 0))
+    compile_ = mode if isinstance(mode, str) else bool(mode)
     if kind not in ("ddp", "fsdp", "dsv3"):
         raise ValueError(
             f"unknown variant {variant!r}: use ddp, fsdp or dsv3:<layout> (compile=1, gc=N optional)"

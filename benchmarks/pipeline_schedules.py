@@ -94,6 +94,7 @@ from lightning_dsv3.callbacks.timeline import Bar, bubble_fractions, parse_actio
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.pipeline.costs import StageCosts, measure_stage_costs
+from lightning_dsv3.pipeline.graphs import ChunkGraphs, experts_off_grouped_gemm, graphs_ineligible
 from lightning_dsv3.pipeline.measured import MeasuredCosts, Recorded, medians_by_kind, step_durations
 from lightning_dsv3.pipeline.runtime import ActionClock, PipelineRuntime
 from lightning_dsv3.pipeline.schedules import PipelineSchedule, ScheduleError, make_schedule
@@ -172,16 +173,19 @@ class Bench:
         (and compiled with --compile)."""
         plan = StagePlan.build(self.config, schedule, self.args.seq_len, self.costs)
         return [
-            self.prepare(Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head))
+            self.prepare(
+                Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head), pipelined=True
+            )
             for spec in plan.chunks_of(rank)
         ]
 
-    def prepare(self, model: Transformer) -> Transformer:
-        """Seeded weights on the device, compiled as a user's run compiles them when --compile."""
+    def prepare(self, model: Transformer, pipelined: bool = False) -> Transformer:
+        """Seeded weights on the device, compiled as a user's run compiles them when --compile (a
+        pipeline stage in a CUDA-graph mode: our runtime graphs its layers, torch's runs them without)."""
         model.init_weights(0)
         model.to(device=self.device, dtype=self.dtype)
         if self.args.compile:
-            model.compile_parts()
+            model.compile_parts(self.args.compile_mode, pipelined)
         return model
 
 
@@ -368,22 +372,34 @@ def run_ours(name: str, bench: Bench) -> Row:
 
 def run_one_device(bench: Bench) -> Row:
     """The baseline: the whole model on rank 0 alone, forward and backward of the same micro-batches one
-    after the other (gradients accumulate, as in the pipelines); the other ranks wait."""
+    after the other (gradients accumulate, as in the pipelines); the other ranks wait. In a CUDA-graph
+    mode its layers replay one capture (`ChunkGraphs` with one slot: one micro-batch in flight), as our
+    stages do: torch.compile's own graphs fail when gradients accumulate over micro-batches (measured:
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
     config, tokens, args, device = bench.config, bench.tokens, bench.args, bench.device
     row = Row("one device", "no pipeline")
     if dist.get_rank() == 0:
-        model = bench.prepare(Transformer(config, tuple(range(config.n_layers)), True, True))
+        model = bench.prepare(Transformer(config, tuple(range(config.n_layers)), True, True), pipelined=True)
+        graphable = (
+            graphs_ineligible(model, False, device) is None and experts_off_grouped_gemm(model) is None
+        )
+        layers = ChunkGraphs(model, 1) if model.cuda_graphs and graphable else None
         micro = list(tokens.chunk(args.n_microbatches))
         graphs = compiled_graphs()
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 graphs = compiled_graphs()
             model.zero_grad(set_to_none=True)
+            if layers is not None:
+                layers.prepare_step()
             synchronize(device)
             start = time.perf_counter()
             ces = []
             for mb in micro:
-                out = model.training_loss(mb)
+                if layers is None:
+                    out = model.training_loss(mb)
+                else:
+                    out = model.loss(layers.run_layers(0, model.embed_tokens(mb[:, :-1])), mb)
                 (out.loss / args.n_microbatches).backward()
                 ces.append(out.ce.detach())
             synchronize(device)
@@ -536,7 +552,15 @@ def report(
     rows: list[Row], args: argparse.Namespace, world: int, p2p_s: float, costs: StageCosts | None = None
 ) -> None:
     tokens = args.n_microbatches * args.micro_batch * args.seq_len
-    compiled = "each chunk and the one-device model compiled (compile_parts, default mode)"
+    compiled = (
+        f"each chunk and the one-device model compiled (compile_parts, {args.compile_mode or 'default'} mode)"
+    )
+    if args.compile_mode in ("reduce-overhead", "max-autotune"):
+        compiled += (
+            ", the decoder layers of our stages and of the one-device model replayed from CUDA graphs "
+            "captured once per micro-batch in flight (lightning_dsv3.pipeline.graphs), torch's stages "
+            "compiled without"
+        )
     late = [f"{r.impl} {r.schedule} ({r.late_graphs})" for r in rows if r.late_graphs]
     notes = [f"{r.impl} {r.schedule}: {r.note}" for r in rows if r.note and r.step_s]
     body = (
@@ -559,7 +583,8 @@ def report(
         + (f"\n\nGraphs compiled during the timed steps (raise --warmup): {', '.join(late)}" if late else "")
         + "".join(f"\n\n{note}" for note in notes)
     )
-    write_result(f"pipeline_schedules-{args.preset}-pp{world}{'-compile' if args.compile else ''}", body)
+    suffix = (f"-compile-{args.compile_mode}" if args.compile_mode else "-compile") if args.compile else ""
+    write_result(f"pipeline_schedules-{args.preset}-pp{world}{suffix}", body)
 
 
 def measured_costs(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> StageCosts:
@@ -591,6 +616,13 @@ def main() -> None:
         help="cut the stages by the FLOP model or by times measured on rank 0's device (pipeline.costs)",
     )
     parser.add_argument("--trace", default=None, help="a directory: one more step per row, traced per rank")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help='torch.compile\'s mode under --compile; "reduce-overhead": CUDA graphs (the one-device model '
+        "through torch.compile, our pipeline stages through the runtime's per-micro-batch captures; torch's "
+        "stages compile without)",
+    )
     args = checked_step_args(parser)
     if args.torch is None:
         args.torch = ",".join(n for n in TORCH if not (args.compile and n in TORCH_SPLIT_BACKWARD))

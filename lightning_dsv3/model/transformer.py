@@ -7,7 +7,6 @@ of the whole model ("layers.7.attn.wq_a.weight"), so stages load slices of one s
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,9 @@ class Transformer(nn.Module):
         self.config = config
         self.cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
         self.parts_compiled = False  # set by `compile_parts`: a pipeline then runs each part's backward whole
+        # set by `compile_parts` for a pipelined chunk in a CUDA-graph mode: the pipeline runtime graphs
+        # its layers itself, one capture per micro-batch in flight (`pipeline.graphs`)
+        self.cuda_graphs = False
         self.layer_ids = list(range(config.n_layers)) if layer_ids is None else list(layer_ids)
         bad = [i for i in self.layer_ids if not 0 <= i < config.n_layers]
         if bad:
@@ -109,8 +111,11 @@ class Transformer(nn.Module):
         expert all-to-all, so `attention` and `mlp`, the parts that compute, are compiled too;
         `dispatch` and `combine` hold the expert all-to-all and stay eager. The parts, and with
         `pipelined` every piece, take torch.compile's default mode whatever `mode` is: a pipeline keeps
-        several micro-batches' outputs of each piece alive, which CUDA graphs' static output buffers
-        ("reduce-overhead", "max-autotune") would overwrite.
+        several micro-batches' outputs of each piece alive, which the CUDA graphs of torch.compile's
+        "reduce-overhead" and "max-autotune" would overwrite (measured: the replay of the next
+        micro-batch's forward overwrites the previous one's outputs). A pipelined chunk asked for such a
+        mode sets `cuda_graphs` instead, and the pipeline runtime captures the layers' graphs itself,
+        once per micro-batch in flight (`lightning_dsv3.pipeline.graphs`).
         The cross-entropy runs in fp32 over (tokens, vocab) logits; eager, it writes an fp32 copy of the
         logits and its softmax (four passes over 2 GiB at the mini preset's 16K tokens), compiled it
         reads the bf16 logits and writes their gradient. `mode` is torch.compile's ("reduce-overhead"
@@ -120,13 +125,7 @@ class Transformer(nn.Module):
         """
         parts_mode = _WITHOUT_CUDA_GRAPHS.get(mode, mode) if mode is not None else None
         whole_mode = parts_mode if pipelined else mode
-        if pipelined and whole_mode != mode:
-            warnings.warn(
-                f"compile mode {mode!r} replays CUDA graphs, whose static outputs the pipeline's several "
-                "live micro-batches would overwrite; pipeline stages compile with "
-                f"{whole_mode or 'the default mode'}",
-                stacklevel=2,
-            )
+        self.cuda_graphs = pipelined and whole_mode != mode
         for block in self.all_blocks():
             block.compile(mode=whole_mode)
             block.attention = torch.compile(block.attention, mode=parts_mode)  # type: ignore[method-assign]

@@ -116,16 +116,16 @@ class _Exchange(torch.autograd.Function):
         op: str,
     ) -> torch.Tensor:
         ctx.args = (link, plan, to_experts, grad_codec, op)
-        return _move(x, link, plan, to_experts, codec, op)
+        return move_rows(x, link, plan, to_experts, codec, op)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         link, plan, to_experts, grad_codec, op = ctx.args
-        back = _move(grad.contiguous(), link, plan, not to_experts, grad_codec, f"{op}_backward")
+        back = move_rows(grad.contiguous(), link, plan, not to_experts, grad_codec, f"{op}_backward")
         return back, None, None, None, None, None, None
 
 
-def _move(
+def move_rows(
     x: torch.Tensor, link: Link, plan: _Plan, to_experts: bool, codec: BlockCodec | None, op: str
 ) -> torch.Tensor:
     """To the experts: x (N, dim) sorted by global expert -> (received rows, dim) sorted by local expert.

@@ -235,6 +235,7 @@ def forward_parts(
     chain: Chain,
     params: ParamCache | None = None,
     whole: bool = False,
+    run_layers: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[str]:
     """Forward `chunk` one part per step, recording `tape` (yields each part's stream kind).
 
@@ -246,12 +247,14 @@ def forward_parts(
     pipeline stage on small micro-batches (a compiled layer runs as one graph instead of two plus two
     eager parts, the backward is one autograd call instead of four per layer, and no cut tensors are
     kept). B and W still split it (B keeps the graph, W walks it for the weights) as they split a part.
+    A whole forward runs the decoder layers through `run_layers` when given (one slot's CUDA graphs,
+    `pipeline.graphs`), else through `chunk.run_layers`.
     """
     tape.whole_backward = chunk.parts_compiled
     if whole:
         tape.chunk_input = None if is_first else first_input
         with streams.part(COMPUTE, chain, "chunk"):
-            h = chunk.run_layers(chunk.embed_tokens(first_input) if is_first else first_input)
+            h = (run_layers or chunk.run_layers)(chunk.embed_tokens(first_input) if is_first else first_input)
             if is_last:
                 tape.loss = loss_fn(chunk, h, tokens)
                 h = tape.loss.loss * loss_scale

@@ -24,7 +24,9 @@ the pipeline timeline.
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,12 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
+from lightning_dsv3.pipeline.graphs import (
+    ChunkGraphs,
+    experts_off_grouped_gemm,
+    graphs_ineligible,
+    slots_needed,
+)
 from lightning_dsv3.pipeline.overlap import (
     Chain,
     ParamCache,
@@ -106,6 +114,8 @@ class _State:
     losses: list[tuple[int, LossOutput]] = field(default_factory=list)
     # (micro-batch, chunk)s recorded part by part (`part_wise_forwards`); every other forward is whole
     part_wise: set[tuple[int, int]] = field(default_factory=set)
+    # the CUDA graph slot each graphed (micro-batch, chunk) holds from its forward to its backward
+    slots: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class PipelineRuntime:
@@ -147,6 +157,20 @@ class PipelineRuntime:
         device = next(chunks[0].parameters()).device
         self.streams = Streams(device)
         self.action_clock = ActionClock(device)
+        self.graphs = self._chunk_graphs(device)
+
+    def _chunk_graphs(self, device: torch.device) -> list[ChunkGraphs | None]:
+        """CUDA graphs for each chunk compiled in a CUDA-graph mode (`Transformer.cuda_graphs`) whose
+        layers a graph can hold; a warning says why where one cannot."""
+        slots = slots_needed(self.schedule.actions[self.rank], len(self.chunks))
+        graphs: list[ChunkGraphs | None] = []
+        for c, chunk in enumerate(self.chunks):
+            why = graphs_ineligible(chunk, self._exchanges[c], device) if chunk.cuda_graphs else None
+            if why is not None:
+                warnings.warn(f"pipeline chunk {c} runs without CUDA graphs: {why}", stacklevel=3)
+            usable = chunk.cuda_graphs and why is None
+            graphs.append(ChunkGraphs(chunk, max(slots[c], 1)) if usable else None)
+        return graphs
 
     @property
     def timings(self) -> list[ActionTiming]:
@@ -180,6 +204,8 @@ class PipelineRuntime:
         self._part_params.clear()  # parameters stay put within a step, not necessarily between steps
         actions = schedule.actions[self.rank]
         state = _State(part_wise=part_wise_forwards(actions, self._compiled, self._exchanges))
+        if grad:
+            self._prepare_graphs()
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -204,6 +230,19 @@ class PipelineRuntime:
         if left:
             raise RuntimeError(f"pipeline rank {self.rank} finished its list with work left for {left[:4]}")
         return state.losses
+
+    def _prepare_graphs(self) -> None:
+        """Before a step with gradients: each graphed chunk checks its captures (`prepare_step`); one
+        whose experts would synchronise with the host in this step's precision runs without graphs."""
+        for c, graphs in enumerate(self.graphs):
+            if graphs is None:
+                continue
+            why = experts_off_grouped_gemm(graphs.chunk)
+            if why is not None:
+                warnings.warn(f"pipeline chunk {c} runs without CUDA graphs: {why}", stacklevel=4)
+                self.graphs[c] = None
+                continue
+            graphs.prepare_step()
 
     def _compute(
         self,
@@ -249,6 +288,11 @@ class PipelineRuntime:
         tape = Tape()
         chain = Chain()  # its first part (embedding or attention) follows the receive on the compute stream
         state.chains[(mb, c)] = chain
+        whole = (mb, c) not in state.part_wise
+        graphs, run_layers = self.graphs[c], None
+        if graphs is not None and whole:
+            slot = state.slots[(mb, c)] = graphs.acquire()
+            run_layers = functools.partial(graphs.run_layers, slot)
         yield from forward_parts(
             self.chunks[c],
             tape,
@@ -261,7 +305,8 @@ class PipelineRuntime:
             self.streams,
             chain,
             self._part_params,
-            whole=(mb, c) not in state.part_wise,
+            whole=whole,
+            run_layers=run_layers,
         )
         self.streams.join(chain)  # the output leaves through NCCL, ordered on the compute stream
         state.tapes[(mb, c)] = tape
@@ -305,12 +350,18 @@ class PipelineRuntime:
         self.streams.join(chain)
         if not split:
             del state.tapes[(mb, c)]
+        input_grad = tape.input_grad
+        slot = state.slots.pop((mb, c), None)
+        if slot is not None:  # a graphed backward runs whole: the slot is free again
+            self.graphs[c].release(slot)  # type: ignore[union-attr]
+            # the input gradient lives in the slot's static buffers, which its next replay overwrites
+            input_grad = None if input_grad is None else input_grad.clone()
         if stage > 0:
             prev_rank, prev_chunk = schedule.locate(mb, stage - 1)
             if prev_rank == self.rank:
-                state.grads[(mb, prev_chunk)] = tape.input_grad
+                state.grads[(mb, prev_chunk)] = input_grad
             else:
-                state.input_grads[(mb, c)] = tape.input_grad
+                state.input_grads[(mb, c)] = input_grad
 
     def _communicate(
         self, actions: tuple[Action, ...], state: _State, microbatches: list[torch.Tensor]

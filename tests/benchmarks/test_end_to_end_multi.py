@@ -22,6 +22,7 @@ def test_compile_and_gc_are_options_of_every_variant() -> None:
     assert parse_variant("ddp:compile=1,gc=50") == ("ddp", {}, True, 50)
     assert parse_variant("dsv3:pp=2,gc=10") == ("dsv3", {"pp": 2}, False, 10)
     assert parse_variant("fsdp") == ("fsdp", {}, False, 0)
+    assert parse_variant("dsv3:pp=2,compile=reduce-overhead") == ("dsv3", {"pp": 2}, "reduce-overhead", 0)
     with pytest.raises(ValueError, match="gc=N takes the steps"):
         parse_variant("dsv3:gc=-1")
     with pytest.raises(ValueError, match="takes no layout"):

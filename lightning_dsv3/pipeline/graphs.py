@@ -1,0 +1,194 @@
+"""CUDA graphs of a pipeline chunk's decoder layers, one set per micro-batch in flight.
+
+A pipeline stage on small micro-batches is bound by the host: one compiled chunk of mini (embedding and
+seven layers) launches about 820 kernels per forward and backward, 30 ms of host time against 7 ms of
+kernels at 2 x 1024 tokens (`benchmarks/part_calls.py`). CUDA graphs replay a layer's kernels in one
+launch, but torch.compile's ("reduce-overhead", CUDA graph trees) cannot serve a pipeline: a stage runs
+the forwards of several micro-batches before their backwards, and a replay overwrites the outputs and
+saved activations of the previous one (measured: "accessing tensor output of CUDAGraphs that has been
+overwritten by a subsequent run").
+
+So each chunk gets `slots` independent captures of its layers, one per micro-batch the schedule keeps
+in flight on it at most (`slots_needed`), as Megatron-Core's CUDA graph manager does: a forward takes a
+free slot, whose graphs hold that micro-batch's activations until its backward gives the slot back.
+Each slot is one `torch.cuda.make_graphed_callables` call over the chunk's layers in order, so their
+forward and backward graphs share one memory pool and replay in the order they were captured.
+
+Only what a graph can hold is graphed: decoder layers without a host synchronisation (no expert
+all-to-all, whose split sizes the host must read; routed experts on the grouped GEMM, bf16 on a
+Hopper-class GPU), compiled (one backward node per layer, so the schedule's B runs whole), without
+activation checkpointing. Under autocast (bf16-mixed) the capture runs with autocast's cast cache off,
+as `make_graphed_callables` requires: each replay casts the weights again, inside the graph. The
+embedding, the loss and the MTP modules run as before.
+
+What a replay does not see, and how this copes:
+- the parameters' and buffers' addresses are baked in: a step whose addresses differ from the capture's
+  (weights loaded with `assign=True`, ZeRO-1 repointing them) captures again, as does a new input shape or
+  a new aux-loss scale (a Python number read at capture);
+- autocast's state is baked in too: a step that changes it captures again;
+- a graph's outputs and gradients live in its static buffers: the runtime copies the chunk's input
+  gradient before handing it on, and `prepare_step` gives every parameter a gradient before the first
+  backward, so autograd adds into it instead of adopting a static buffer as `.grad` (which the next
+  micro-batch's replay would overwrite);
+- warm-up and capture run the layers on random input: the buffers they update (the router's expert
+  load) are put back afterwards, and `make_graphed_callables` takes gradients with `autograd.grad`,
+  leaving `.grad` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dsv3.model.moe import grouped_mm_available
+from lightning_dsv3.model.transformer import Transformer
+from lightning_dsv3.pipeline.schedules import Action, Op
+
+# torch.cuda.make_graphed_callables' signature: (modules, sample args per module) -> graphed modules
+GraphMaker = Callable[..., Any]
+
+
+def slots_needed(actions: Sequence[Action], n_chunks: int) -> list[int]:
+    """The most micro-batches each local chunk holds between its forward and its backward in `actions`.
+
+    An FB counts its forward before its backward ends (the runtime may interleave the two halves).
+    """
+    live, most = [0] * n_chunks, [0] * n_chunks
+    for a in actions:
+        if a.op in (Op.F, Op.FB):
+            live[a.chunk] += 1
+            most[a.chunk] = max(most[a.chunk], live[a.chunk])
+        if a.op in (Op.B, Op.BW):
+            live[a.chunk] -= 1
+        elif a.op is Op.FB:
+            live[a.chunk2] -= 1
+    return most
+
+
+def graphs_ineligible(chunk: Transformer, exchanges: bool, device: torch.device) -> str | None:
+    """Why `chunk`'s layers cannot be graphed here (None: they can)."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if exchanges:
+        return "the expert all-to-all reads its split sizes on the host, which a CUDA graph cannot"
+    if not chunk.parts_compiled:
+        return "graphed layers must be compiled (compile=...), so that the schedule's B runs whole"
+    if any(b.recompute_attention or b.recompute_mlp for b in chunk.blocks()):
+        return "activation checkpointing recomputes inside the backward; run it without CUDA graphs"
+    return None
+
+
+def experts_off_grouped_gemm(chunk: Transformer) -> str | None:
+    """Why `chunk`'s routed experts would run the fallback that reads the expert counts on the host (None:
+    they run the grouped GEMM). Read when a step starts: under autocast the operands take its dtype."""
+    for block in chunk.blocks():
+        experts = getattr(block.ffn, "experts", None)
+        if experts is None:
+            continue
+        weight = experts.w1
+        autocast = weight.is_cuda and torch.is_autocast_enabled("cuda")
+        operand = torch.empty(
+            0, device=weight.device, dtype=torch.get_autocast_dtype("cuda") if autocast else weight.dtype
+        )
+        if experts.impl != "grouped" or not grouped_mm_available(operand):
+            return (
+                "the routed experts run without the grouped GEMM (bf16 operands on a Hopper-class GPU), "
+                "whose fallback reads the expert counts on the host"
+            )
+    return None
+
+
+class _Layer(nn.Module):
+    """One decoder layer seen through one slot: `make_graphed_callables` patches this module's forward,
+    so each slot's capture of a layer needs its own module around the shared block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.block(x, cos, sin)
+
+
+class ChunkGraphs:
+    """Per-slot CUDA graphs of `chunk`'s decoder layers (see the module docstring).
+
+    Args:
+        chunk: the pipeline chunk whose layers to graph.
+        slots: how many micro-batches the schedule keeps in flight on it at most (`slots_needed`).
+        make_graphed: `torch.cuda.make_graphed_callables` (replaceable to test the bookkeeping on CPU).
+    """
+
+    def __init__(self, chunk: Transformer, slots: int, make_graphed: GraphMaker | None = None) -> None:
+        if slots < 1:
+            raise ValueError(f"a graphed chunk needs at least one slot, got {slots}")
+        self.chunk = chunk
+        self.slots = slots
+        self.make_graphed = make_graphed or torch.cuda.make_graphed_callables
+        self.captures = 0  # how many times the layers were captured (tests and logs read it)
+        self._free = list(range(slots))
+        self._layers: list[tuple[nn.Module, ...]] = []  # per slot, the graphed layers in order
+        self._shape: torch.Size | None = None  # the input shape they were captured for
+        self._key: tuple[Any, ...] | None = None
+
+    def acquire(self) -> int:
+        """A free slot for a micro-batch's forward; given back by `release` after its backward."""
+        if not self._free:
+            raise RuntimeError(
+                f"all {self.slots} CUDA graph slots of this chunk hold a micro-batch: the schedule keeps "
+                "more in flight than `slots_needed` counted"
+            )
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def prepare_step(self) -> None:
+        """Before a step's first forward: every parameter gets a gradient tensor (see the module
+        docstring), and the captures are dropped if the weights moved or the aux-loss scale changed."""
+        params = list(self.chunk.parameters())
+        for p in params:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        key = (
+            tuple(p.data_ptr() for p in params),
+            tuple(b.data_ptr() for b in self.chunk.buffers()),
+            tuple(b.aux_loss_scale for b in self.chunk.blocks()),
+            torch.is_autocast_enabled("cuda"),
+        )
+        if key != self._key:
+            self._layers, self._key = [], key
+
+    def run_layers(self, slot: int, h: torch.Tensor) -> torch.Tensor:
+        """`chunk.run_layers(h)` through `slot`'s graphs (captured on first use at this shape)."""
+        if not self._layers or self._shape != h.shape:
+            self._capture(h)
+        cos, sin = self.chunk.rope(h.shape[1])
+        for layer in self._layers[slot]:
+            h = layer(h, cos, sin)
+        return h
+
+    def _capture(self, h: torch.Tensor) -> None:
+        """Capture every slot's layers for inputs shaped like `h`, leaving buffers as they were."""
+        cos, sin = self.chunk.rope(h.shape[1])
+        blocks = list(self.chunk.blocks())
+        saved = [b.detach().clone() for b in self.chunk.buffers()]
+        self._layers = []
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)  # a cached cast would outlive the graph's memory
+        try:
+            for _ in range(self.slots):
+                layers = tuple(_Layer(b) for b in blocks)
+                samples = tuple((torch.randn_like(h).requires_grad_(True), cos, sin) for _ in layers)
+                graphed = self.make_graphed(layers, samples, allow_unused_input=True)
+                self._layers.append(tuple(graphed))
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+        self._shape = h.shape
+        with torch.no_grad():
+            for b, s in zip(self.chunk.buffers(), saved):
+                b.copy_(s)
+        self.captures += 1

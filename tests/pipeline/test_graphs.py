@@ -1,0 +1,230 @@
+"""CUDA graphs of pipeline chunks, one capture per micro-batch in flight: how many slots a schedule
+needs, the runtime's slot bookkeeping (checked on CPU with a stand-in for the capture that runs the
+layers as they are), what makes a chunk ineligible, and on a GPU the graphed step against the plain one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_dsv3.config import get_preset
+from lightning_dsv3.model.transformer import LossOutput, Transformer
+from lightning_dsv3.pipeline.graphs import (
+    ChunkGraphs,
+    experts_off_grouped_gemm,
+    graphs_ineligible,
+    slots_needed,
+)
+from lightning_dsv3.pipeline.runtime import PipelineRuntime
+from lightning_dsv3.pipeline.schedules import Action, Op, make_schedule
+from lightning_dsv3.pipeline.stages import StagePlan
+
+CONFIG = get_preset("debug", max_seq_len=16, original_seq_len=16)
+
+
+def _loss(chunk: Transformer, h: torch.Tensor, tokens: torch.Tensor) -> LossOutput:
+    return chunk.loss(h, tokens)
+
+
+def _as_they_are(modules: tuple[torch.nn.Module, ...], samples: tuple, allow_unused_input: bool) -> tuple:
+    """Stands in for `torch.cuda.make_graphed_callables`: one warm-up forward per layer on its sample
+    (which moves the router's expert load, as the real warm-up does), then the layers unchanged."""
+    for module, args in zip(modules, samples):
+        module(*args)
+    return modules
+
+
+class _Loopback(PipelineRuntime):
+    """One pipeline rank alone: receives are seeded random tensors, sends are kept for inspection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[torch.Tensor] = []
+
+    def _communicate(self, actions: tuple[Action, ...], state: Any, microbatches: list[torch.Tensor]) -> None:
+        for a in actions:
+            key = (a.mb, a.chunk)
+            if a.op is Op.SEND_ACT:
+                self.sent.append(state.sends.pop(key).detach().clone())
+            elif a.op is Op.SEND_GRAD:
+                self.sent.append(state.input_grads.pop(key).clone())
+            else:
+                gen = torch.Generator().manual_seed(1000 * a.mb + 10 * a.chunk + (a.op is Op.RECV_GRAD))
+                buf = self._hidden_buffer(microbatches[a.mb])
+                buf.copy_(torch.randn(buf.shape, generator=gen))
+                (state.acts if a.op is Op.RECV_ACT else state.grads)[key] = buf
+
+
+@pytest.fixture
+def cpu_experts_graphable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the routed experts take the fallback that reads counts on the host, which a real capture
+    could not hold; with the capture stood in for, the runtime may graph them anyway."""
+    monkeypatch.setattr("lightning_dsv3.pipeline.runtime.experts_off_grouped_gemm", lambda chunk: None)
+
+
+def _runtime(name: str, rank: int, graphed: bool, n_microbatches: int = 8) -> _Loopback:
+    schedule = make_schedule(name, 2, n_microbatches)
+    plan = StagePlan.build(CONFIG, schedule)
+    chunks = []
+    for spec in plan.chunks_of(rank):
+        chunk = Transformer(CONFIG, spec.layer_ids, spec.with_embedding, spec.with_head)
+        chunk.init_weights(0)
+        chunk.parts_compiled = True  # as compiled chunks: B runs the backward whole
+        chunks.append(chunk)
+    runtime = _Loopback(schedule, chunks, rank, None, lambda r: r, _loss)
+    if graphed:
+        slots = slots_needed(schedule.actions[rank], len(chunks))
+        runtime.graphs = [ChunkGraphs(c, n, make_graphed=_as_they_are) for c, n in zip(chunks, slots)]
+    return runtime
+
+
+def _step(runtime: _Loopback, seed: int = 0) -> tuple[list[float], list[torch.Tensor]]:
+    n = runtime.schedule.n_microbatches
+    tokens = torch.randint(0, CONFIG.vocab_size, (2 * n, 9), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.to(next(runtime.chunks[0].parameters()).device)
+    losses = runtime.run(list(tokens.chunk(n)), 1.0 / n)
+    grads = [p.grad.clone() for c in runtime.chunks for p in c.parameters() if p.grad is not None]
+    return [float(out.loss.detach()) for _, out in sorted(losses, key=lambda x: x[0])], grads
+
+
+def test_slots_follow_the_micro_batches_a_schedule_keeps_in_flight() -> None:
+    """1F1B at pp=2: rank 0 holds two micro-batches between forward and backward, rank 1 one; a
+    DualPipe rank holds more on its chunks, and never fewer than one."""
+    one_f_one_b = make_schedule("1f1b", 2, 8)
+    assert slots_needed(one_f_one_b.actions[0], 1) == [2]
+    assert slots_needed(one_f_one_b.actions[1], 1) == [1]
+    dualpipe = make_schedule("dualpipe", 2, 8)
+    for rank in range(2):
+        slots = slots_needed(dualpipe.actions[rank], dualpipe.n_chunks)
+        assert all(s >= 1 for s in slots) and max(slots) >= 2
+
+
+@pytest.mark.parametrize(("name", "rank"), [("1f1b", 0), ("1f1b", 1), ("dualpipe", 0), ("dualpipev", 1)])
+@pytest.mark.usefixtures("cpu_experts_graphable")
+def test_a_graphed_step_matches_the_plain_one_and_gives_every_slot_back(name: str, rank: int) -> None:
+    """Through the slots (the capture stood in for), the same losses, gradients and sends bit for
+    bit; every slot free at the end of a step; one capture for two steps; the warm-up's change to the
+    router's expert load undone."""
+    plain, graphed = _runtime(name, rank, graphed=False), _runtime(name, rank, graphed=True)
+    for seed in range(2):
+        expected, got = _step(plain, seed), _step(graphed, seed)
+        assert got[0] == expected[0]
+        assert len(got[1]) == len(expected[1])
+        for a, b in zip(got[1], expected[1]):
+            assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(graphed.sent, plain.sent))
+    for graphs in graphed.graphs:
+        assert graphs is not None and sorted(graphs._free) == list(range(graphs.slots))
+        assert graphs.captures == 1
+    loads = [
+        (p.expert_load, q.expert_load)
+        for cp, cg in zip(plain.chunks, graphed.chunks)
+        for p, q in zip(cp.modules(), cg.modules())
+        if hasattr(p, "expert_load")
+    ]
+    assert loads and all(torch.equal(a, b) for a, b in loads)
+
+
+@pytest.mark.usefixtures("cpu_experts_graphable")
+def test_a_new_aux_loss_scale_or_moved_weights_capture_again() -> None:
+    """The scale is a number read at capture, the addresses are baked into the graphs."""
+    runtime = _runtime("1f1b", 0, graphed=True)
+    _step(runtime)
+    (graphs,) = runtime.graphs
+    assert graphs is not None and graphs.captures == 1
+    runtime.chunks[0].set_aux_loss_scale(0.5)
+    _step(runtime)
+    assert graphs.captures == 2
+    weight = next(runtime.chunks[0].parameters())
+    weight.data = weight.data.clone()
+    _step(runtime)
+    assert graphs.captures == 3
+    _step(runtime)
+    assert graphs.captures == 3
+
+
+def test_every_parameter_has_a_gradient_before_the_first_backward() -> None:
+    """Autograd would otherwise adopt a graph's static gradient buffer as `.grad`, and the next
+    micro-batch's replay would overwrite it."""
+    runtime = _runtime("1f1b", 1, graphed=True)
+    (graphs,) = runtime.graphs
+    assert graphs is not None
+    graphs.prepare_step()
+    assert all(p.grad is not None and not p.grad.any() for p in runtime.chunks[0].parameters())
+
+
+def test_running_out_of_slots_says_so() -> None:
+    chunk = Transformer(CONFIG, [0], True, False)
+    graphs = ChunkGraphs(chunk, 1, make_graphed=_as_they_are)
+    graphs.acquire()
+    with pytest.raises(RuntimeError, match="all 1 CUDA graph slots"):
+        graphs.acquire()
+    with pytest.raises(ValueError, match="at least one slot"):
+        ChunkGraphs(chunk, 0)
+
+
+def test_what_keeps_a_chunk_off_cuda_graphs() -> None:
+    cuda = torch.device("cuda")  # only its type is read
+    dense = Transformer(CONFIG, [0], True, False)
+    assert "CUDA device" in graphs_ineligible(dense, False, torch.device("cpu"))
+    assert "compiled" in graphs_ineligible(dense, False, cuda)
+    dense.parts_compiled = True
+    assert graphs_ineligible(dense, False, cuda) is None
+    assert "all-to-all" in graphs_ineligible(dense, True, cuda)
+    assert experts_off_grouped_gemm(dense) is None
+    moe = Transformer(CONFIG, [0, 1], True, False)  # layer 1 is MoE, its experts fp32 on the CPU
+    assert "grouped GEMM" in experts_off_grouped_gemm(moe)
+    checkpointed = Transformer(CONFIG.replace(activation_checkpointing="mlp"), [0, 1], True, False)
+    checkpointed.parts_compiled = True
+    assert "checkpointing" in graphs_ineligible(checkpointed, False, cuda)
+
+
+def test_experts_that_would_sync_turn_graphs_off_at_the_first_step() -> None:
+    """fp32 experts on the CPU take the host-synchronising fallback: the step warns and runs plain."""
+    runtime = _runtime("1f1b", 0, graphed=True)
+    with pytest.warns(UserWarning, match="chunk 0 runs without CUDA graphs: the routed experts"):
+        _step(runtime)
+    assert runtime.graphs == [None]
+
+
+def test_a_chunk_that_asks_for_graphs_where_none_can_run_warns_and_runs_plain() -> None:
+    schedule = make_schedule("1f1b", 2, 2)
+    chunk = Transformer(CONFIG, [0, 1], True, False)
+    chunk.cuda_graphs = True
+    with pytest.warns(UserWarning, match="runs without CUDA graphs: CUDA graphs need a CUDA device"):
+        runtime = _Loopback(schedule, [chunk], 0, None, lambda r: r, _loss)
+    assert runtime.graphs == [None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize(("name", "rank"), [("1f1b", 0), ("dualpipe", 1)])
+def test_captured_graphs_give_the_plain_step_on_a_gpu(name: str, rank: int) -> None:
+    """Real captures of compiled bf16 layers (the grouped GEMM: no host sync in the MoE): losses,
+    gradients and sends of two steps as the same chunks without graphs."""
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        schedule = make_schedule(name, 2, 4)
+        chunks = []
+        for spec in StagePlan.build(CONFIG, schedule).chunks_of(rank):
+            chunk = Transformer(CONFIG, spec.layer_ids, spec.with_embedding, spec.with_head)
+            chunk.init_weights(0)
+            chunk.to("cuda", torch.bfloat16)
+            chunk.compile_parts("reduce-overhead" if graphed else None, pipelined=True)
+            chunks.append(chunk)
+        runtime = _Loopback(schedule, chunks, rank, None, lambda r: r, _loss)
+        assert all(g is not None for g in runtime.graphs) is graphed
+        steps = [_step(runtime, seed) for seed in range(2)]
+        results.append((steps, [t.cpu() for t in runtime.sent]))
+    (plain, plain_sent), (graphed_steps, graphed_sent) = results
+    bf16 = {"rtol": 2e-2, "atol": 2e-2}  # the MoE backward's atomic adds are not bitwise reproducible
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, graphed_steps):
+        torch.testing.assert_close(loss_b, loss_a, **bf16)
+        assert len(grads_a) == len(grads_b)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b.float(), a.float(), **bf16)
+    assert len(plain_sent) == len(graphed_sent)
+    for a, b in zip(plain_sent, graphed_sent):
+        torch.testing.assert_close(b.float(), a.float(), **bf16)
