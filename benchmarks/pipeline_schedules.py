@@ -619,9 +619,9 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode",
         default=None,
-        help='torch.compile\'s mode under --compile; "reduce-overhead": CUDA graphs (the one-device model '
-        "through torch.compile, our pipeline stages through the runtime's per-micro-batch captures; torch's "
-        "stages compile without)",
+        help='torch.compile\'s mode under --compile; "reduce-overhead": the decoder layers of our stages '
+        "replay CUDA graphs captured per micro-batch in flight (lightning_dsv3.pipeline.graphs), the "
+        "one-device model's one capture the same way; torch's stages compile without graphs",
     )
     args = checked_step_args(parser)
     if args.torch is None:

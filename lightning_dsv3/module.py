@@ -37,9 +37,10 @@ class DeepSeekV3Module(L.LightningModule):
         compile: torch.compile each decoder layer and the cross-entropy (fuses the norms, rope, routing
             and casts): True for torch.compile's default mode, or a mode name: "reduce-overhead" also
             replays each layer's kernels as a CUDA graph, which removes the launch gaps of a small
-            model's step (benchmarks/results/end_to_end-*). Pipeline stages compile without CUDA
-            graphs (with a warning): their static outputs would be overwritten while the pipeline
-            keeps several micro-batches' outputs alive.
+            model's step (benchmarks/results/end_to_end-*). Pipeline stages cannot use torch.compile's
+            graphs (a stage keeps several micro-batches' outputs alive, which a replay would
+            overwrite): in such a mode they compile without them and the pipeline runtime captures
+            their decoder layers itself, once per micro-batch in flight (`pipeline.graphs`).
         float8: train the linear layers in fp8 through torchao: "tensorwise" (fastest) or "rowwise"
             (finer scales); None (the default) keeps the Trainer's `precision`. Needs torchao >= 0.18
             (`pip install 'lightning-dsv3[fp8]'`) and a GPU of compute capability >= 8.9; the head,
@@ -87,7 +88,8 @@ class DeepSeekV3Module(L.LightningModule):
         pipelined: bool = False,
     ) -> Transformer:
         """One initialised model chunk (the whole model by default); the strategy asks for stages,
-        `pipelined` when the pipeline runtime runs them (compiled without CUDA graphs)."""
+        `pipelined` when the pipeline runtime runs them (compiled without torch.compile's CUDA graphs;
+        the runtime graphs their layers itself where the mode asks for graphs)."""
         chunk = Transformer(self.config, layer_ids, with_embedding, with_head)
         chunk.init_weights(self.hparams.init_seed)
         if self.hparams.get("float8"):  # before compile, so the compiled layers trace the fp8 linears

@@ -18,7 +18,7 @@ CPU_OVERRIDES = (
     "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false", "--model.preset=debug", "--model.model_overrides=null",
-    "--data.seq_len=32", "--data.max_bytes=1048576",
+    "--data.seq_len=32", "--data.max_bytes=1048576", "--model.compile=false",
 )  # fmt: skip
 
 

@@ -354,7 +354,9 @@ class PipelineRuntime:
         slot = state.slots.pop((mb, c), None)
         if slot is not None:  # a graphed backward runs whole: the slot is free again
             self.graphs[c].release(slot)  # type: ignore[union-attr]
-            # the input gradient lives in the slot's static buffers, which its next replay overwrites
+            # the input gradient lives in the slot's static buffers, which its next replay overwrites; no
+            # schedule here hands it on after that, but its consumer (a send, or another chunk's
+            # backward) should not depend on the order of the list
             input_grad = None if input_grad is None else input_grad.clone()
         if stage > 0:
             prev_rank, prev_chunk = schedule.locate(mb, stage - 1)
