@@ -214,7 +214,14 @@ class ChunkGraphs:
             for _ in range(self.slots):
                 layers = tuple(_Layer(b).train(self.chunk.training) for b in blocks)
                 samples = tuple((torch.randn_like(h).requires_grad_(True), cos, sin) for _ in layers)
-                graphed = self.make_graphed(layers, samples, allow_unused_input=True)
+                try:
+                    graphed = self.make_graphed(layers, samples, allow_unused_input=True)
+                except RuntimeError as err:
+                    raise RuntimeError(
+                        f"capturing the CUDA graphs of pipeline layers {self.chunk.layer_ids} failed: a "
+                        "layer synchronises with the host or is not capturable. Train with compile=True "
+                        "(compiled, no graphs), or compile=False"
+                    ) from err
                 self._layers.append(tuple(graphed))
         finally:
             torch.set_autocast_cache_enabled(cache)

@@ -225,6 +225,18 @@ def test_running_out_of_slots_says_so() -> None:
         ChunkGraphs(chunk, 0)
 
 
+def test_a_capture_that_fails_names_the_layers_and_what_to_do() -> None:
+    def refuse(modules: tuple, samples: tuple, allow_unused_input: bool) -> tuple:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    chunk = Transformer(CONFIG, [0], True, False)
+    graphs = ChunkGraphs(chunk, 1, make_graphed=refuse)
+    graphs.prepare_step()
+    with pytest.raises(RuntimeError, match=r"layers \[0\] failed.*compile=True") as caught:
+        graphs.run_layers(0, torch.randn(2, 8, CONFIG.dim))
+    assert "not permitted" in str(caught.value.__cause__)
+
+
 def test_what_keeps_a_chunk_off_cuda_graphs() -> None:
     cuda = torch.device("cuda")  # only its type is read
     dense = Transformer(CONFIG, [0], True, False)
