@@ -207,7 +207,6 @@ class ChunkGraphs:
         cos, sin = self.chunk.rope(h.shape[1])
         blocks = list(self.chunk.blocks())
         saved = [b.detach().clone() for b in self.chunk.buffers()]
-        self._layers = []
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)  # a cached cast would outlive the graph's memory
         try:
