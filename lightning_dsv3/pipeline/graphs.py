@@ -38,10 +38,10 @@ What a replay does not see, and how this copes:
   `Block.last_aux_loss` of a graphed layer keeps a tensor of its capture.
 
 Memory: each capture holds, besides the activations a micro-batch keeps anyway, a static gradient for
-every parameter of its layers and static input and output buffers, so a slot costs about the chunk's
-layer parameters once more (in their dtype). Measured through Trainer on mini at pp=2 with DualPipe:
-19.9 GiB peak with graphs against 17.9 without (README, Measured). The planner's memory model does not
-count it yet.
+every parameter of its layers and static input and output buffers, so a slot should cost up to the
+chunk's layer parameters once more (in their dtype; not measured apart). Measured as a whole through
+Trainer on mini at pp=2 with DualPipe: 19.9 GiB peak with graphs against 17.9 without, in separate
+runs (README, Measured). The planner's memory model does not count it yet.
 """
 
 from __future__ import annotations
