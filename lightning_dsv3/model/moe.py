@@ -214,14 +214,26 @@ class GroupedExperts(nn.Module):
         """x: (N, dim) tokens sorted by expert; counts: (E,) tokens per expert -> (N, dim)."""
         if self.impl == "loop":
             return self._loop(x, counts)
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # the grouped GEMM takes bf16 operands
-            x = x.to(torch.get_autocast_dtype("cuda"))
+        x = self._operand(x)
         if grouped_mm_available(x):
             offs = counts.cumsum(0).to(torch.int32)
             w1, w2, w3 = (w.to(x.dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
         return self._padded_bmm(x, counts)
+
+    def reads_counts_on_host(self) -> bool:
+        """Whether a forward here, in the current autocast state, takes a path that reads the expert
+        counts on the host (the loop, or the padded bmm where the grouped GEMM cannot run), as a CUDA
+        graph cannot. The activations are taken to have the weights' dtype, as they do without autocast."""
+        return self.impl == "loop" or not grouped_mm_available(self._operand(self.w1.detach()[:0]))
+
+    @staticmethod
+    def _operand(x: torch.Tensor) -> torch.Tensor:
+        """x as the grouped GEMM takes it: in autocast's dtype under autocast (bf16 operands)."""
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            return x.to(torch.get_autocast_dtype("cuda"))
+        return x
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The plain way, one small GEMM chain per expert (a baseline for the grouped GEMM)."""

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dsv3.model.moe import grouped_mm_available
+from lightning_dsv3.model.moe import GroupedExperts
 from lightning_dsv3.model.transformer import Transformer
 from lightning_dsv3.pipeline.schedules import Action, Op
 
@@ -92,23 +92,18 @@ def graphs_ineligible(chunk: Transformer, exchanges: bool, device: torch.device)
 
 
 def experts_off_grouped_gemm(chunk: Transformer) -> str | None:
-    """Why `chunk`'s routed experts would run the fallback that reads the expert counts on the host (None:
-    they run the grouped GEMM). Read when a step starts: under autocast the operands take its dtype."""
-    for block in chunk.blocks():
-        experts = getattr(block.ffn, "experts", None)
-        if experts is None:
-            continue
-        weight = experts.w1
-        autocast = weight.is_cuda and torch.is_autocast_enabled("cuda")
-        operand = torch.empty(
-            0, device=weight.device, dtype=torch.get_autocast_dtype("cuda") if autocast else weight.dtype
+    """Why `chunk`'s routed experts would read the expert counts on the host in the current autocast
+    state (None: they run the grouped GEMM, which a graph can hold)."""
+    if any(experts.reads_counts_on_host() for experts in _routed_experts(chunk)):
+        return (
+            "the routed experts run without the grouped GEMM (bf16 operands on a Hopper-class GPU), "
+            "whose fallback reads the expert counts on the host"
         )
-        if experts.impl != "grouped" or not grouped_mm_available(operand):
-            return (
-                "the routed experts run without the grouped GEMM (bf16 operands on a Hopper-class GPU), "
-                "whose fallback reads the expert counts on the host"
-            )
     return None
+
+
+def _routed_experts(chunk: Transformer) -> list[GroupedExperts]:
+    return [e for b in chunk.blocks() if (e := getattr(b.ffn, "experts", None)) is not None]
 
 
 class _Layer(nn.Module):
@@ -143,6 +138,7 @@ class ChunkGraphs:
         self._layers: list[tuple[nn.Module, ...]] = []  # per slot, the graphed layers in order
         self._shape: torch.Size | None = None  # the input shape they were captured for
         self._key: tuple[Any, ...] | None = None
+        self._blocked: str | None = None  # `prepare_step`'s answer for `_key`
 
     def acquire(self) -> int:
         """A free slot for a micro-batch's forward; given back by `release` after its backward."""
@@ -156,10 +152,11 @@ class ChunkGraphs:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def prepare_step(self) -> None:
+    def prepare_step(self) -> str | None:
         """Before a step's first forward: every slot free (a step that raised may have left some
         taken), every parameter with a gradient tensor (see the module docstring), and the captures
-        dropped if anything they baked in changed."""
+        dropped if anything they baked in changed. Returns why the layers cannot be graphed in this
+        step's precision (`experts_off_grouped_gemm`, read again only when that changes), else None."""
         self._free = list(range(self.slots))
         params = list(self.chunk.parameters())
         for p in params:
@@ -175,7 +172,8 @@ class ChunkGraphs:
         )
         if key != self._key:
             self._drop()
-            self._key = key
+            self._key, self._blocked = key, experts_off_grouped_gemm(self.chunk)
+        return self._blocked
 
     def run_layers(self, slot: int, h: torch.Tensor) -> torch.Tensor:
         """`chunk.run_layers(h)` through `slot`'s graphs (captured on first use at this shape)."""

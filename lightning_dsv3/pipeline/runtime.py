@@ -36,12 +36,7 @@ import torch.distributed as dist
 
 from lightning_dsv3.faults import collective
 from lightning_dsv3.model.transformer import LossOutput, Transformer
-from lightning_dsv3.pipeline.graphs import (
-    ChunkGraphs,
-    experts_off_grouped_gemm,
-    graphs_ineligible,
-    slots_needed,
-)
+from lightning_dsv3.pipeline.graphs import ChunkGraphs, graphs_ineligible, slots_needed
 from lightning_dsv3.pipeline.overlap import (
     Chain,
     ParamCache,
@@ -235,14 +230,10 @@ class PipelineRuntime:
         """Before a step with gradients: each graphed chunk checks its captures (`prepare_step`); one
         whose experts would synchronise with the host in this step's precision runs without graphs."""
         for c, graphs in enumerate(self.graphs):
-            if graphs is None:
-                continue
-            why = experts_off_grouped_gemm(graphs.chunk)
+            why = None if graphs is None else graphs.prepare_step()
             if why is not None:
                 warnings.warn(f"pipeline chunk {c} runs without CUDA graphs: {why}", stacklevel=4)
                 self.graphs[c] = None
-                continue
-            graphs.prepare_step()
 
     def _compute(
         self,

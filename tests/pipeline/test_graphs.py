@@ -93,7 +93,7 @@ class _Loopback(PipelineRuntime):
 def cpu_experts_graphable(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU the routed experts take the fallback that reads counts on the host, which a real capture
     could not hold; with the capture stood in for, the runtime may graph them anyway."""
-    monkeypatch.setattr("lightning_dsv3.pipeline.runtime.experts_off_grouped_gemm", lambda chunk: None)
+    monkeypatch.setattr("lightning_dsv3.pipeline.graphs.experts_off_grouped_gemm", lambda chunk: None)
 
 
 def _runtime(name: str, rank: int, graphed: bool, n_microbatches: int = 8) -> _Loopback:
