@@ -13,37 +13,21 @@ codec with the kernels switched off, the torch-ops path every other device uses.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 
-from benchmarks.results_io import markdown_table, payload_sizes_mib, payload_sweep_parser, write_result
+from benchmarks.results_io import (
+    markdown_table,
+    median_ms,
+    payload_sizes_mib,
+    payload_sweep_parser,
+    write_result,
+)
 from lightning_dsv3.parallel import codec_kernels
 from lightning_dsv3.parallel.compression import BlockCodec, get_codec
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def round_trip(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +66,14 @@ def main() -> None:
         n_rows = max(1, mib * 2**20 // (args.dim * dtype.itemsize))
         x = torch.randn(n_rows, args.dim, device=device).to(dtype)
         nbytes = x.numel() * x.element_size()
-        copy_gbps = nbytes / time_ms(partial(torch.empty_like(x).copy_, x), device, args.reps) / 1e6
+        copy_gbps = nbytes / median_ms(partial(torch.empty_like(x).copy_, x), device, args.reps) / 1e6
         for name in args.codecs:
             codec = get_codec(name)
             for kernel in [True, False] if fused else [False]:
                 with kernels(kernel):
-                    enc = time_ms(partial(codec.pack, x, check_finite=False), device, args.reps)
-                    dec = time_ms(partial(codec.unpack, codec.pack(x), x.shape, dtype), device, args.reps)
-                    both = time_ms(partial(round_trip, codec, x), device, args.reps)
+                    enc = median_ms(partial(codec.pack, x, check_finite=False), device, args.reps)
+                    dec = median_ms(partial(codec.unpack, codec.pack(x), x.shape, dtype), device, args.reps)
+                    both = median_ms(partial(round_trip, codec, x), device, args.reps)
                 rates = [nbytes / ms / 1e6 for ms in (enc, dec, both)]
                 ratio = codec.compression_ratio(args.dim, dtype)
                 # a round trip reads and writes the payload and the packed buffer once each,

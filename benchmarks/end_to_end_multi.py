@@ -47,6 +47,7 @@ the same, and a table of the curves every 5th step. The baseline runs in one pro
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -188,17 +189,24 @@ def train(variant: str, args: argparse.Namespace, world: int) -> dict[str, Any]:
         callbacks=[timer, batches] + ([GarbageCollection(options.gc_every)] if options.gc_every else []),
     )  # fmt: skip
     if cuda:
+        # an earlier variant's objects in reference cycles (Lightning's, CUDA graphs') would still hold
+        # memory and count in this variant's peak
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated() if cuda else 0
     trainer.fit(module, data)
-    peak = torch.tensor(
-        [torch.cuda.max_memory_allocated() if cuda else 0], device=trainer.strategy.root_device
+    memory = torch.tensor(
+        [torch.cuda.max_memory_allocated() if cuda else 0, held], device=trainer.strategy.root_device
     )
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    peak, held = memory.tolist()
     return {
         "step_s": timer.step_s,
         "losses": global_batch_losses(timer.losses, trainer.strategy),
         "batches": batches.fingerprints(pp),
         "peak_bytes": int(peak),
+        "held_bytes": int(held),
     }
 
 
@@ -259,7 +267,7 @@ def report(
     for name, r in results.items():
         step_s = statistics.median(r["step_s"][args.warmup :] or r["step_s"])
         mfu = f"{flops / step_s / world / (peak * 1e12):.1%}" if cuda else "—"
-        memory = f"{r['peak_bytes'] / 2**30:.1f}" if cuda else "—"
+        memory = f"{r['peak_bytes'] / 2**30:.1f} ({r['held_bytes'] / 2**30:.1f})" if cuda else "—"
         loss = statistics.mean(r["losses"][-5:])
         against = ["—"] * 3
         if baseline is not None:
@@ -279,7 +287,9 @@ def report(
     body = (
         f"preset {args.preset}, {world} devices, global batch {args.global_batch} x {args.seq_len} tokens, "
         f"{args.steps} steps ({args.warmup} warm-up), bf16 matmul peak {peak:.0f} TFLOP/s per device "
-        f"(MFU on GPUs only), model FLOPs/step {flops:.3e}{skipped}{compiled}. Losses are global-batch "
+        f"(MFU on GPUs only), model FLOPs/step {flops:.3e}{skipped}{compiled}. Peak: max over ranks of "
+        "max_memory_allocated during the variant, after collecting what earlier variants left (in "
+        "brackets: what was still allocated as the variant began). Losses are global-batch "
         f"means; deviations are relative to {against} (--curve-from), over all steps.\n\n"
         + markdown_table(
             [
@@ -288,7 +298,7 @@ def report(
                 "tokens/s",
                 "tokens/s per device",
                 "MFU",
-                "peak GiB (max rank)",
+                "peak GiB (held before fit)",
                 "loss, last 5 steps",
                 "max deviation",
                 "mean deviation",

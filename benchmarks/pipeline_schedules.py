@@ -367,6 +367,7 @@ def run_ours(name: str, bench: Bench) -> Row:
         return [out.ce for _, out in runtime.run(micro, 1.0 / n_micro)]
 
     measure(row, step, clock, schedule, bench, chunks)
+    runtime.drop_graphs()  # as the strategy's teardown does: the next row captures on a clean slate
     return row
 
 
@@ -406,6 +407,8 @@ def run_one_device(bench: Bench) -> Row:
             if i >= args.warmup:
                 row.step_s.append(time.perf_counter() - start)
         row.late_graphs = compiled_graphs() - graphs
+        if layers is not None:
+            layers.drop()  # the captures' pools go before the next row captures its own
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -13,7 +13,10 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +52,27 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU), around a timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of `fn()` over `reps` runs after two warm-up runs: CUDA events around each
+    run on GPUs (the device's time), the host clock on CPUs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

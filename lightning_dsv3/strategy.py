@@ -685,6 +685,8 @@ class DSV3Strategy(ParallelStrategy):
         super().on_train_end()
 
     def teardown(self) -> None:
+        if self.runtime is not None:
+            self.runtime.drop_graphs()
         assert self.cluster_environment is not None
         self.cluster_environment.teardown()
         super().teardown()

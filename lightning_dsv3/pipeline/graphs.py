@@ -12,7 +12,8 @@ So each chunk gets `slots` independent captures of its layers, one per micro-bat
 in flight on it at most (`slots_needed`), as Megatron-Core's CUDA graph manager does: a forward takes a
 free slot, whose graphs hold that micro-batch's activations until its backward gives the slot back.
 Each slot is one `torch.cuda.make_graphed_callables` call over the chunk's layers in order, so their
-forward and backward graphs share one memory pool and replay in the order they were captured.
+forward and backward graphs share one memory pool and replay in the order they were captured. The
+runtime captures them as a step starts, before any of its sends and receives (`capture_for`).
 
 Only what a graph can hold is graphed: decoder layers without a host synchronisation (no expert
 all-to-all, whose split sizes the host must read; routed experts on the grouped GEMM, bf16 on a
@@ -41,11 +42,13 @@ Memory: each capture holds, besides the activations a micro-batch keeps anyway, 
 every parameter of its layers and static input and output buffers, so a slot should cost up to the
 chunk's layer parameters once more (in their dtype; not measured apart). Measured as a whole through
 Trainer on mini at pp=2 with DualPipe: 19.9 GiB peak with graphs against 17.9 without, in separate
-runs (README, Measured). The planner's memory model does not count it yet.
+runs whose peaks may count memory an earlier variant in the same process still held (README,
+Measured). The planner's memory model does not count it yet.
 """
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -136,7 +139,7 @@ class ChunkGraphs:
         self.captures = 0  # how many times the layers were captured
         self._free = list(range(slots))
         self._layers: list[tuple[nn.Module, ...]] = []  # per slot, the graphed layers in order
-        self._shape: torch.Size | None = None  # the input shape they were captured for
+        self._shape: tuple[torch.Size, torch.dtype] | None = None  # the input they were captured for
         self._key: tuple[Any, ...] | None = None
         self._blocked: str | None = None  # `prepare_step`'s answer for `_key`
 
@@ -171,26 +174,43 @@ class ChunkGraphs:
             self.chunk.training,
         )
         if key != self._key:
-            self._drop()
+            self._forget_captures()
             self._key, self._blocked = key, experts_off_grouped_gemm(self.chunk)
         return self._blocked
 
-    def run_layers(self, slot: int, h: torch.Tensor) -> torch.Tensor:
-        """`chunk.run_layers(h)` through `slot`'s graphs (captured on first use at this shape)."""
-        if not self._layers or self._shape != h.shape:
+    def capture_for(self, h: torch.Tensor) -> None:
+        """Capture every slot for hidden states shaped and typed like `h` (a meta tensor will do),
+        unless done already. The runtime calls it as a step starts, before any of the step's sends and
+        receives: a capture then never runs beside NCCL's work, nor stalls a peer waiting for this
+        rank's output."""
+        if not self._layers or self._shape != (h.shape, h.dtype):
             self._capture(h)
+
+    def run_layers(self, slot: int, h: torch.Tensor) -> torch.Tensor:
+        """`chunk.run_layers(h)` through `slot`'s graphs (captured here if `capture_for` was not)."""
+        self.capture_for(h)
         cos, sin = self.chunk.rope(h.shape[1])
         for layer in self._layers[slot]:
             h = layer(h, cos, sin)
         return h
 
-    def _drop(self) -> None:
-        """Forget the captures. Each graphed module's patched forward refers to the module itself; the
-        cycle is cut here so that the graphs' memory goes at once, not at the next garbage collection."""
+    def drop(self) -> None:
+        """Free the captures' memory (the strategy's teardown); the next step captures again."""
+        self._forget_captures()
+        self._key = None
+
+    def _forget_captures(self) -> None:
+        """Forget the captures and free their memory now, not at some later garbage collection: each
+        graphed module's patched forward refers to the module itself (cut here), and the autograd
+        Function holding the graphs and their static buffers is a class `make_graphed_callables` makes
+        per capture, which like every class sits in a reference cycle (one collection frees it)."""
+        if not self._layers:
+            return
         for layers in self._layers:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
         self._layers = []
+        gc.collect()
 
     def _capture(self, h: torch.Tensor) -> None:
         """Capture every slot's layers for inputs shaped like `h`, leaving buffers as they were."""
@@ -201,7 +221,7 @@ class ChunkGraphs:
                 "micro-batch shape changed since the last; a capture every step costs more than it saves",
                 stacklevel=4,
             )
-        self._drop()
+        self._forget_captures()
         cos, sin = self.chunk.rope(h.shape[1])
         blocks = list(self.chunk.blocks())
         saved = [b.detach().clone() for b in self.chunk.buffers()]
@@ -210,7 +230,10 @@ class ChunkGraphs:
         try:
             for _ in range(self.slots):
                 layers = tuple(_Layer(b).train(self.chunk.training) for b in blocks)
-                samples = tuple((torch.randn_like(h).requires_grad_(True), cos, sin) for _ in layers)
+                samples = tuple(
+                    (torch.randn(h.shape, dtype=h.dtype, device=cos.device).requires_grad_(True), cos, sin)
+                    for _ in layers
+                )
                 try:
                     graphed = self.make_graphed(layers, samples, allow_unused_input=True)
                 except RuntimeError as err:
@@ -222,7 +245,7 @@ class ChunkGraphs:
                 self._layers.append(tuple(graphed))
         finally:
             torch.set_autocast_cache_enabled(cache)
-        self._shape = h.shape
+        self._shape = (h.shape, h.dtype)
         with torch.no_grad():
             for b, s in zip(self.chunk.buffers(), saved):
                 b.copy_(s)

@@ -200,7 +200,7 @@ class PipelineRuntime:
         actions = schedule.actions[self.rank]
         state = _State(part_wise=part_wise_forwards(actions, self._compiled, self._exchanges))
         if grad:
-            self._prepare_graphs()
+            self._prepare_graphs(microbatches)
         i = 0
         while i < len(actions):
             action = actions[i]
@@ -226,14 +226,24 @@ class PipelineRuntime:
             raise RuntimeError(f"pipeline rank {self.rank} finished its list with work left for {left[:4]}")
         return state.losses
 
-    def _prepare_graphs(self) -> None:
-        """Before a step with gradients: each graphed chunk checks its captures (`prepare_step`); one
-        whose experts would synchronise with the host in this step's precision runs without graphs."""
+    def drop_graphs(self) -> None:
+        """Free every chunk's CUDA graph captures (a later step captures again): what they hold stays
+        allocated in their pools while they live, which a reference cycle could stretch past fitting."""
+        for graphs in self.graphs:
+            if graphs is not None:
+                graphs.drop()
+
+    def _prepare_graphs(self, microbatches: list[torch.Tensor]) -> None:
+        """Before a step with gradients: each graphed chunk checks its captures (`prepare_step`) and
+        captures now what it must (`ChunkGraphs.capture_for`); one whose experts would synchronise with
+        the host in this step's precision runs without graphs."""
         for c, graphs in enumerate(self.graphs):
             why = None if graphs is None else graphs.prepare_step()
             if why is not None:
                 warnings.warn(f"pipeline chunk {c} runs without CUDA graphs: {why}", stacklevel=4)
                 self.graphs[c] = None
+            elif graphs is not None:
+                graphs.capture_for(self._hidden_buffer(microbatches[0], device="meta"))
 
     def _compute(
         self,
@@ -376,12 +386,17 @@ class PipelineRuntime:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
-    def _hidden_buffer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A receive buffer for one micro-batch's hidden state: (batch, seq, dim)."""
+    def _hidden_buffer(self, tokens: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """A receive buffer for one micro-batch's hidden state: (batch, seq, dim), on the chunks'
+        device unless `device` is given."""
         chunk = self.chunks[0]
         weight = next(chunk.parameters())
         return torch.empty(
-            tokens.shape[0], tokens.shape[1] - 1, chunk.config.dim, dtype=weight.dtype, device=weight.device
+            tokens.shape[0],
+            tokens.shape[1] - 1,
+            chunk.config.dim,
+            dtype=weight.dtype,
+            device=device or weight.device,
         )
 
 

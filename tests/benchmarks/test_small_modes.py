@@ -46,6 +46,18 @@ SMALL_MODES = {
     ],
     "overlap": ["--preset", "debug", "--layers", "2", "--tokens", "64", "--seq-len", "32", "--reps", "1"],
     "gc_pause": ["--preset", "debug", "--young", "100", "--repeats", "1"],
+    "grouped_gemm": [
+        "--preset",
+        "debug",
+        "--tokens",
+        "256",
+        "--ways",
+        "eager",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+    ],
     "part_calls": [
         "--preset",
         "debug",
@@ -122,6 +134,9 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
         rows = {r[0]: r for r in _table(text)}
         assert int(rows["as Python sees it"][1].replace(",", "")) > 10_000
         assert rows["after gc.freeze()"][1] == "0"
+    elif script == "grouped_gemm":  # forward and backward timed, one row per way
+        (row,) = _table(text)
+        assert row[0] == "eager" and float(row[1]) > 0 and float(row[3]) > 0
     elif script == "part_calls":  # the chunk whole, by parts on two streams and by parts on one
         rows = _table(text)
         assert [r[0].split()[0] for r in rows] == ["whole", "parts", "parts,"]

@@ -4,11 +4,15 @@ layers as they are), what makes a chunk ineligible, and on a GPU the graphed ste
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.accelerators import CPUAccelerator
 
+from lightning_dsv3 import DSV3Strategy
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import LossOutput, Transformer
 from lightning_dsv3.pipeline.graphs import (
@@ -160,6 +164,22 @@ def test_a_graphed_step_matches_the_plain_one_and_gives_every_slot_back(name: st
 
 
 @pytest.mark.usefixtures("cpu_experts_graphable")
+def test_the_layers_are_captured_as_the_step_starts_before_any_send_or_receive() -> None:
+    """A capture never runs beside the step's NCCL work, nor holds up a peer in the middle of the step."""
+    runtime = _runtime("dualpipe", 1, graphed=True)
+    captures_at_each_exchange = []
+    exchange = runtime._communicate
+
+    def communicate(*args: Any) -> None:
+        captures_at_each_exchange.append([g.captures for g in runtime.graphs if g is not None])
+        exchange(*args)
+
+    runtime._communicate = communicate  # type: ignore[method-assign]
+    _step(runtime)
+    assert captures_at_each_exchange and all(c == [1, 1] for c in captures_at_each_exchange)
+
+
+@pytest.mark.usefixtures("cpu_experts_graphable")
 def test_two_micro_batches_in_one_slot_would_corrupt_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the slots are for, and proof that the stand-in above can tell: 1F1B's first rank keeps two
     micro-batches in flight; forced into one slot, the first backward runs through the second
@@ -192,6 +212,37 @@ def test_what_a_graph_bakes_in_captures_again_when_it_changes() -> None:
         assert graphs.captures == n
     _step(runtime)
     assert graphs.captures == len(changes) + 1
+
+
+@pytest.mark.usefixtures("cpu_experts_graphable")
+def test_dropping_the_graphs_frees_them_at_once_and_the_next_step_captures_again() -> None:
+    """The strategy's teardown drops them: their pools would otherwise stay allocated for as long as a
+    reference cycle keeps the runtime, past the end of fitting."""
+    runtime = _runtime("1f1b", 0, graphed=True)
+    plain, _ = _step(_runtime("1f1b", 0, graphed=False))
+    _step(runtime)
+    (graphs,) = runtime.graphs
+    assert graphs is not None
+    captured = weakref.ref(graphs._layers[0][0])
+    runtime.drop_graphs()
+    assert captured() is None  # no garbage collection needed
+    with pytest.warns(UserWarning, match="CUDA graphs again \\(capture 2\\)"):
+        losses, _ = _step(runtime)
+    assert graphs.captures == 2
+    torch.testing.assert_close(losses, plain)
+
+
+@pytest.mark.usefixtures("cpu_experts_graphable")
+def test_the_strategy_teardown_frees_the_captures() -> None:
+    runtime = _runtime("1f1b", 0, graphed=True)
+    _step(runtime)
+    (graphs,) = runtime.graphs
+    assert graphs is not None and graphs._layers
+    strategy = DSV3Strategy(accelerator=CPUAccelerator())
+    strategy.cluster_environment = LightningEnvironment()
+    strategy.runtime = runtime
+    strategy.teardown()
+    assert not graphs._layers
 
 
 @pytest.mark.usefixtures("cpu_experts_graphable")
