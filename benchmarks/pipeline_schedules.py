@@ -74,6 +74,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -649,13 +650,14 @@ def main() -> None:
 
     costs = measured_costs(config, args, device) if args.cut == "measured" else None
     bench = Bench(config, tokens, args, device, dtype, p2p_seconds(config, args, device, dtype), costs)
-    rows = [run_one_device(bench)]
-    for name in filter(None, args.ours.split(",")):
-        rows.append(run_ours(name, bench))
-    for name in filter(None, args.torch.split(",")):
-        rows.append(run_torch(name, bench))
-    if dist.get_rank() == 0:
-        report(rows, args, dist.get_world_size(), bench.p2p_s, bench.costs)
+    runs = [partial(run_one_device, bench)]
+    runs += [partial(run_ours, n, bench) for n in filter(None, args.ours.split(","))]
+    runs += [partial(run_torch, n, bench) for n in filter(None, args.torch.split(","))]
+    rows: list[Row] = []
+    for run in runs:
+        rows.append(run())
+        if dist.get_rank() == 0:  # the file after every row: a row that crashes loses none before it
+            report(rows, args, dist.get_world_size(), bench.p2p_s, bench.costs)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -142,6 +142,7 @@ class ChunkGraphs:
         self._shape: tuple[torch.Size, torch.dtype] | None = None  # the input they were captured for
         self._key: tuple[Any, ...] | None = None
         self._blocked: str | None = None  # `prepare_step`'s answer for `_key`
+        self._dropped = False  # `drop` freed the captures: the next one is no recapture to warn of
 
     def acquire(self) -> int:
         """A free slot for a micro-batch's forward; given back by `release` after its backward."""
@@ -181,8 +182,8 @@ class ChunkGraphs:
     def capture_for(self, h: torch.Tensor) -> None:
         """Capture every slot for hidden states shaped and typed like `h` (a meta tensor will do),
         unless done already. The runtime calls it as a step starts, before any of the step's sends and
-        receives: a capture then never runs beside NCCL's work, nor stalls a peer waiting for this
-        rank's output."""
+        receives: a capture then never runs beside NCCL's work, and a peer waiting for this rank's
+        output waits at the step's start, not in its middle."""
         if not self._layers or self._shape != (h.shape, h.dtype):
             self._capture(h)
 
@@ -195,9 +196,10 @@ class ChunkGraphs:
         return h
 
     def drop(self) -> None:
-        """Free the captures' memory (the strategy's teardown); the next step captures again."""
+        """Free the captures' memory (the strategy's teardown); a later step captures again, without
+        the warning of a capture that something changed forced."""
         self._forget_captures()
-        self._key = None
+        self._dropped = True
 
     def _forget_captures(self) -> None:
         """Forget the captures and free their memory now, not at some later garbage collection: each
@@ -210,11 +212,12 @@ class ChunkGraphs:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
         self._layers = []
+        self._shape = None  # a capture that raises part-way leaves no slot list to trust
         gc.collect()
 
     def _capture(self, h: torch.Tensor) -> None:
         """Capture every slot's layers for inputs shaped like `h`, leaving buffers as they were."""
-        if self.captures:
+        if self.captures and not self._dropped:
             warnings.warn(
                 f"capturing a pipeline chunk's CUDA graphs again (capture {self.captures + 1}): its "
                 "weights, their gradient flags, the aux-loss scale, autocast, train/eval mode or the "
@@ -222,6 +225,7 @@ class ChunkGraphs:
                 stacklevel=4,
             )
         self._forget_captures()
+        self._dropped = False
         cos, sin = self.chunk.rope(h.shape[1])
         blocks = list(self.chunk.blocks())
         saved = [b.detach().clone() for b in self.chunk.buffers()]

@@ -242,7 +242,8 @@ class PipelineRuntime:
             if why is not None:
                 warnings.warn(f"pipeline chunk {c} runs without CUDA graphs: {why}", stacklevel=4)
                 self.graphs[c] = None
-            elif graphs is not None:
+            elif graphs is not None:  # micro-batches are equal splits; every chunk's input has the
+                # dtype of the first chunk's parameters (they share one), as the receive buffers do
                 graphs.capture_for(self._hidden_buffer(microbatches[0], device="meta"))
 
     def _compute(
