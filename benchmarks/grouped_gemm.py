@@ -12,7 +12,9 @@ bf16-mixed training runs them) on the tokens one MoE layer of a preset routes at
              templates against aten's on this GPU and keeps the fastest per shape
 
 and reports the forward and backward time (median of CUDA-event-timed repetitions), their TFLOP/s,
-and the kernels of one forward and backward by device time.
+and the kernels of one forward and backward by device time; then each of the three GEMM kinds alone
+(which one runs at half the others' rate, and whether reading the activations through a transposed
+view is why).
 
     python -m benchmarks.grouped_gemm                       # mini, 16 x 1024 tokens, on a Hopper GPU
     python -m benchmarks.grouped_gemm --preset debug --tokens 256 --ways eager,compiled --reps 2   # CPU
@@ -40,6 +42,30 @@ def routed_counts(tokens: int, n_experts: int, top_k: int, seed: int = 0) -> tor
     gen = torch.Generator().manual_seed(seed)
     picks = torch.rand(tokens, n_experts, generator=gen).topk(top_k, dim=-1).indices
     return torch.bincount(picks.flatten(), minlength=n_experts)
+
+
+def gemm_kinds(
+    x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, device: torch.device, reps: int
+) -> list[list[object]]:
+    """The three GEMMs of y = x @ W^T per expert, each alone: forward, input gradient and weight
+    gradient, the last two ways (the activations read through a transposed view, as a backward has
+    them, and copied so the token dimension is contiguous, the copy timed too). x: (rows, in) sorted
+    by expert; weight: (E, out, in) as stored; offs: the experts' end rows."""
+    w = weight.to(x.dtype)
+    dy = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=x.dtype)
+    flops = 2 * x.shape[0] * w.shape[1] * w.shape[2]
+    calls = {
+        "forward: x W^T": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+        "input gradient: dy W": lambda: torch._grouped_mm(dy, w, offs=offs),
+        "weight gradient: x^T dy, x^T a view": lambda: torch._grouped_mm(x.t(), dy, offs=offs),
+        "weight gradient, x^T copied first": lambda: torch._grouped_mm(x.t().contiguous(), dy, offs=offs),
+    }
+    shape = f"{w.shape[2]} -> {w.shape[1]}"
+    return [
+        [shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}"]
+        for name, call in calls.items()
+        for ms in [median_ms(call, device, reps)]
+    ]
 
 
 def kernels(forward: Callable, backward: Callable, device: torch.device, reps: int, top: int) -> str:
@@ -84,6 +110,14 @@ def main() -> None:
     grad = torch.randn(rows_n, config.dim, device=device, dtype=dtype)
     fwd_flops = 3 * 2 * rows_n * config.dim * config.moe_inter_dim
 
+    offs = counts.cumsum(0).to(torch.int32)
+    with torch.no_grad():  # first: the ways below may compile for minutes
+        kinds = gemm_kinds(x.detach(), experts.w1, offs, device, args.reps)
+        hidden = torch.randn(rows_n, config.moe_inter_dim, device=device, dtype=dtype)
+        kinds += gemm_kinds(hidden, experts.w2, offs, device, args.reps)
+    kinds_table = markdown_table(["GEMM (in -> out per expert)", "kind", "ms", "TFLOP/s"], kinds)
+    print(kinds_table, flush=True)
+
     rows, kernel_tables = [], []
     for way in ways:
         mode = WAYS[way]
@@ -125,6 +159,8 @@ def main() -> None:
         f"{'bf16 autocast' if cuda else 'fp32'}; median of {args.reps} after {args.warmup} warm-up\n\n"
         + markdown_table(["way", "forward ms", "forward TFLOP/s", "backward ms", "backward TFLOP/s"], rows)
         + "".join(kernel_tables)
+        + f"\n\nEach GEMM kind alone (torch._grouped_mm, {dtype} operands), median of {args.reps}:\n\n"
+        + kinds_table
     )
     write_result(f"grouped_gemm-{args.preset}", body)
 

@@ -134,9 +134,11 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
         rows = {r[0]: r for r in _table(text)}
         assert int(rows["as Python sees it"][1].replace(",", "")) > 10_000
         assert rows["after gc.freeze()"][1] == "0"
-    elif script == "grouped_gemm":  # forward and backward timed, one row per way
+    elif script == "grouped_gemm":  # forward and backward timed, one row per way; then each GEMM kind
         (row,) = _table(text)
         assert row[0] == "eager" and float(row[1]) > 0 and float(row[3]) > 0
+        kinds = _tables(text)[-1]
+        assert len(kinds) == 8 and all(float(r[2]) > 0 for r in kinds)
     elif script == "part_calls":  # the chunk whole, by parts on two streams and by parts on one
         rows = _table(text)
         assert [r[0].split()[0] for r in rows] == ["whole", "parts", "parts,"]
