@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.profile_step import device_kernels
 from benchmarks.results_io import markdown_table, median_ms, synchronize, write_result
 from lightning_dsv3.config import get_preset
-from lightning_dsv3.model.moe import GroupedExperts
+from lightning_dsv3.model.moe import GroupedExperts, tokens_per_expert
 
 WAYS = {"eager": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
@@ -41,15 +41,15 @@ def routed_counts(tokens: int, n_experts: int, top_k: int, seed: int = 0) -> tor
     """(n_experts,) rows per expert when each of `tokens` picks `top_k` distinct experts at random."""
     gen = torch.Generator().manual_seed(seed)
     picks = torch.rand(tokens, n_experts, generator=gen).topk(top_k, dim=-1).indices
-    return torch.bincount(picks.flatten(), minlength=n_experts)
+    return tokens_per_expert(picks, n_experts)
 
 
 def gemm_kinds(
     x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, device: torch.device, reps: int
 ) -> list[list[object]]:
-    """The three GEMMs of y = x @ W^T per expert, each alone: forward, input gradient and weight
-    gradient, the last two ways (the activations read through a transposed view, as a backward has
-    them, and copied so the token dimension is contiguous, the copy timed too). x: (rows, in) sorted
+    """The three GEMMs of y = x @ W^T per expert, each alone: forward, input gradient, and weight
+    gradient timed two ways (the activations read through a transposed view, as a backward has them,
+    and copied first so the token dimension is contiguous, the copy timed too). x: (rows, in) sorted
     by expert; weight: (E, out, in) as stored; offs: the experts' end rows."""
     w = weight.to(x.dtype)
     dy = torch.randn(x.shape[0], w.shape[1], device=x.device, dtype=x.dtype)
@@ -60,12 +60,11 @@ def gemm_kinds(
         "weight gradient: x^T dy, x^T a view": lambda: torch._grouped_mm(x.t(), dy, offs=offs),
         "weight gradient, x^T copied first": lambda: torch._grouped_mm(x.t().contiguous(), dy, offs=offs),
     }
-    shape = f"{w.shape[2]} -> {w.shape[1]}"
-    return [
-        [shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}"]
-        for name, call in calls.items()
-        for ms in [median_ms(call, device, reps)]
-    ]
+    rows: list[list[object]] = []
+    for name, call in calls.items():
+        ms = median_ms(call, device, reps)
+        rows.append([f"{w.shape[2]} -> {w.shape[1]}", name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}"])
+    return rows
 
 
 def kernels(forward: Callable, backward: Callable, device: torch.device, reps: int, top: int) -> str:
