@@ -41,6 +41,7 @@ from lightning_dsv3 import DSV3Strategy
 from lightning_dsv3.data import DSV3DataModule
 from lightning_dsv3.float8 import check_float8, check_float8_device
 from lightning_dsv3.flops import train_flops
+from lightning_dsv3.model.moe import Router
 from lightning_dsv3.module import DeepSeekV3Module
 
 
@@ -52,8 +53,12 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self._marks: list[Any] = []  # CUDA events on GPUs, host clock readings on CPUs
         self._losses: list[torch.Tensor] = []
+        self._skews: list[torch.Tensor] = []
         self.step_s: list[float] = []  # read once training ends
         self.losses: list[float] = []
+        # per step: the largest expert's load over the mean, averaged over the routers (the balance the
+        # grouped GEMMs see; aux-loss-free balancing lowers it over a run); nan before the first update
+        self.skews: list[float] = []
 
     def _mark(self) -> None:
         if torch.cuda.is_available():
@@ -68,6 +73,9 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self._losses.append(outputs["loss"].detach())
+        loads = [m.last_load for m in module.modules() if isinstance(m, Router) and m.last_load is not None]
+        nan = torch.tensor(float("nan"), device=outputs["loss"].device)
+        self._skews.append(torch.stack([x.max() / x.mean() for x in loads]).mean() if loads else nan)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self._mark()
@@ -77,6 +85,7 @@ class StepTimer(L.Callback):
         else:
             self.step_s = [b - a for a, b in zip(self._marks, self._marks[1:])]
         self.losses = torch.stack(self._losses).float().tolist() if self._losses else []
+        self.skews = torch.stack(self._skews).float().tolist() if self._skews else []
 
 
 class StepProfiler(L.Callback):
@@ -234,12 +243,16 @@ def main() -> None:
     step_s_of = {name: statistics.median(t.step_s[args.warmup :] or t.step_s) for name, t in results.items()}
     for name, step_s in step_s_of.items():
         tflops = flops_per_step / step_s / 1e12
-        rows.append(
-            [name, f"{step_s * 1e3:.1f}", f"{tokens / step_s:,.0f}", f"{tflops:.1f}", f"{tflops / peak:.1%}"]
-        )
+        skews = [x for x in results[name].skews[args.warmup :] if x == x]  # nan: no update yet
+        skew = f"{statistics.median(skews):.2f}" if skews else "—"
+        rows.append([
+            name, f"{step_s * 1e3:.1f}", f"{tokens / step_s:,.0f}", f"{tflops:.1f}", f"{tflops / peak:.1%}",
+            skew,
+        ])  # fmt: skip
     speed = markdown_table(
-        ["variant", "step ms (median)", "tokens/s", "model TFLOP/s", "MFU vs matmul peak"], rows
-    )
+        ["variant", "step ms (median)", "tokens/s", "model TFLOP/s", "MFU vs matmul peak",
+         "largest expert load / mean (median of timed steps)"], rows,
+    )  # fmt: skip
     names = list(results)
     curve_rows = []
     for i in range(args.steps):

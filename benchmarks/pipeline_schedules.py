@@ -19,7 +19,9 @@ mlp, eager dispatch and combine). A compiled chunk has one backward graph per la
 and weight gradients together: our runtime runs it whole at B (W is then empty). torch's
 split-backward schedules (ZBV, DualPipeV) cannot run compiled stages at all (their weight backward
 reads autograd metadata a compiled node lacks; measured on torch 2.11), so `--compile` runs torch's
-1F1B only and refuses the others.
+1F1B only and refuses the others, unless `--torch-eager` runs torch's stages eager beside our
+compiled ones: then every torch schedule runs at its best, on the same stage cuts and micro-batches
+(its rows are named "(eager)").
 Compilation happens in the warm-up steps; a row that still compiled a graph during its timed steps is
 named under the tables.
 
@@ -169,23 +171,25 @@ class Bench:
     def clock(self) -> ActionClock:
         return ActionClock(self.device)
 
-    def chunks(self, schedule: PipelineSchedule, rank: int) -> list[Transformer]:
+    def chunks(self, schedule: PipelineSchedule, rank: int, compile: bool = True) -> list[Transformer]:
         """This rank's chunks of `schedule`'s stage cut, initialised from the whole model's seeded values
-        (and compiled with --compile)."""
+        (and compiled with --compile unless `compile` is False)."""
         plan = StagePlan.build(self.config, schedule, self.args.seq_len, self.costs)
         return [
             self.prepare(
-                Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head), pipelined=True
+                Transformer(self.config, spec.layer_ids, spec.with_embedding, spec.with_head),
+                pipelined=True,
+                compile=compile,
             )
             for spec in plan.chunks_of(rank)
         ]
 
-    def prepare(self, model: Transformer, pipelined: bool = False) -> Transformer:
+    def prepare(self, model: Transformer, pipelined: bool = False, compile: bool = True) -> Transformer:
         """Seeded weights on the device, compiled as a user's run compiles them when --compile (a
         pipeline stage in a CUDA-graph mode: our runtime graphs its layers, torch's runs them without)."""
         model.init_weights(0)
         model.to(device=self.device, dtype=self.dtype)
-        if self.args.compile:
+        if self.args.compile and compile:
             model.compile_parts(self.args.compile_mode, pipelined)
         return model
 
@@ -436,8 +440,9 @@ def _backward_op(mb: int, loss: Any = None, full_backward: bool = True, last_bac
 
 
 def run_torch(name: str, bench: Bench) -> Row:
-    row = Row("torch.distributed.pipelining", name)
     tokens, args, device = bench.tokens, bench.args, bench.device
+    eager = args.compile and args.torch_eager  # stages as torch runs them best beside our compiled ones
+    row = Row("torch.distributed.pipelining" + (" (eager)" if eager else ""), name)
     class_name, v_shape = TORCH[name]
     schedule_class = getattr(pipelining, class_name, None)
     if schedule_class is None:
@@ -446,7 +451,7 @@ def run_torch(name: str, bench: Bench) -> Row:
     rank, pp = dist.get_rank(), dist.get_world_size()
     # the stage cut of our schedule with the same layout: pp stages, or 2 pp in a V
     ours = make_schedule("dualpipev" if v_shape else "1f1b", pp, max(args.n_microbatches, 2 * pp))
-    chunks = bench.chunks(ours, rank)
+    chunks = bench.chunks(ours, rank, compile=not eager)
     stage_ids = [ours.stage_of(rank, c) for c in range(ours.n_chunks)]
     clock = bench.clock()
     stages = []
@@ -563,6 +568,8 @@ def report(
             "captured once per micro-batch in flight (lightning_dsv3.pipeline.graphs), torch's stages "
             "compiled without"
         )
+    if args.torch_eager:
+        compiled += "; torch's stages eager (--torch-eager: its split-backward schedules cannot run compiled)"
     late = [f"{r.impl} {r.schedule} ({r.late_graphs})" for r in rows if r.late_graphs]
     notes = [f"{r.impl} {r.schedule}: {r.note}" for r in rows if r.note and r.step_s]
     body = (
@@ -625,16 +632,24 @@ def main() -> None:
         "replay CUDA graphs captured per micro-batch in flight (lightning_dsv3.pipeline.graphs), the "
         "one-device model's one capture the same way; torch's stages compile without graphs",
     )
+    parser.add_argument(
+        "--torch-eager",
+        action="store_true",
+        help="with --compile, run torch's stages eager (so its split-backward schedules run too)",
+    )
     args = checked_step_args(parser)
+    compiled_torch = args.compile and not args.torch_eager
     if args.torch is None:
-        args.torch = ",".join(n for n in TORCH if not (args.compile and n in TORCH_SPLIT_BACKWARD))
-    refused = sorted(set(filter(None, args.torch.split(","))) & TORCH_SPLIT_BACKWARD) if args.compile else []
+        args.torch = ",".join(n for n in TORCH if not (compiled_torch and n in TORCH_SPLIT_BACKWARD))
+    refused = (
+        sorted(set(filter(None, args.torch.split(","))) & TORCH_SPLIT_BACKWARD) if compiled_torch else []
+    )
     if refused:
         parser.error(
             f"torch's {', '.join(refused)} cannot run compiled stages: its weight backward "
             "(stage_backward_weight) reads per-input metadata from each autograd node, which a compiled "
             "graph's backward node does not expose (torch 2.11: RuntimeError \"Attribute '_input_metadata' "
-            'is invalid"). Run them without --compile, or pass --torch 1f1b'
+            'is invalid"). Run them without --compile, with --torch-eager, or pass --torch 1f1b'
         )
 
     cuda = torch.cuda.is_available()

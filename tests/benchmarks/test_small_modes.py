@@ -135,10 +135,13 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
         assert int(rows["as Python sees it"][1].replace(",", "")) > 10_000
         assert rows["after gc.freeze()"][1] == "0"
     elif script == "grouped_gemm":  # forward and backward timed, one row per way; then each GEMM kind
-        (row,) = _table(text)
-        assert row[0] == "eager" and float(row[1]) > 0 and float(row[3]) > 0
-        kinds = _tables(text)[-1]
-        assert len(kinds) == 8 and all(float(r[2]) > 0 for r in kinds)
+        rows = _table(text)
+        assert [r[:2] for r in rows] == [["eager", "uniform"], ["eager", "model"]]
+        assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+        for kinds in _tables(text)[-2:]:  # uniform routing, then the preset's routers'
+            assert len(kinds) == 12 and all(float(r[2]) > 0 for r in kinds)
+            (pieces,) = [r for r in kinds if "balanced" in r[1] and r[0] == "64 -> 32"]
+            assert float(pieces[4].split()[2]) < 1e-5  # the pieces' sum equals the whole weight gradient
     elif script == "part_calls":  # the chunk whole, by parts on two streams and by parts on one
         rows = _table(text)
         assert [r[0].split()[0] for r in rows] == ["whole", "parts", "parts,"]
@@ -149,6 +152,23 @@ def test_schedules_benchmark_refuses_torch_split_backward_compiled() -> None:
     args = [sys.executable, "-m", "benchmarks.pipeline_schedules", "--compile", "--torch", "1f1b,zbv"]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "zbv cannot run compiled stages" in out.stderr
+
+
+def test_schedules_benchmark_runs_torch_eager_beside_our_compiled_stages(tmp_path: Path) -> None:
+    """--torch-eager: torch's DualPipeV, which cannot run compiled stages, runs eager on the same cut and
+    micro-batches as our compiled DualPipeV, named so, with the same first loss."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    small = TORCHRUN_SMALL_MODES["pipeline_schedules"]
+    args = [*launch, "-m", "benchmarks.pipeline_schedules", *small, "--compile", "--torch-eager"]
+    text = _run(
+        [*args, "--ours", "dualpipev", "--torch", "dualpipev"], "pipeline_schedules", tmp_path, tmp_path
+    )
+    assert "torch's stages eager" in text
+    rows = _table(text)
+    assert [r[:2] for r in rows[1:]] == [
+        ["lightning_dsv3", "dualpipev"], ["torch.distributed.pipelining (eager)", "dualpipev"]
+    ]  # fmt: skip
+    assert max(float(r[-1]) for r in rows) - min(float(r[-1]) for r in rows) < 1e-4
 
 
 @pytest.mark.parametrize("script", sorted(TORCHRUN_SMALL_MODES))
