@@ -2,7 +2,8 @@
 
 A profile of mini's training step (batch 16 x 1024, `end_to_end --profile`) shows three grouped-GEMM
 kernels of 36 calls each, two at about 4.8 ms per step and one at 9.4-10 ms: the three GEMM kinds of
-the experts' forward and backward (forward, input gradient, weight gradient) do not run alike. This
+the experts' forward and backward (forward, input gradient, weight gradient) do not run alike (it is
+the weight gradient, slowed by how unevenly the routers spread tokens: the kinds table shows it). This
 times `GroupedExperts` (three grouped GEMMs and the SwiGLU, fp32 weights under bf16 autocast as
 bf16-mixed training runs them) on the tokens one MoE layer of a preset routes at a batch, three ways:
 
@@ -104,7 +105,7 @@ def gemm_kinds(
     x: torch.Tensor, weight: torch.Tensor, counts: list[torch.Tensor], device: torch.device, reps: int
 ) -> list[list[object]]:
     """The three GEMMs of y = x @ W^T per expert, each alone, in device time (`device_ms`) averaged over
-    the routings in `counts`, each row printed as it is timed: forward, input gradient, and the weight
+    the routings in `counts`, each row printed once timed: forward, input gradient, and the weight
     gradient four ways: x^T dy as torch's backward computes it (the gradient of W^T, both operands
     read through transposed views), dy^T x (the gradient in W's own (out, in) layout), in balanced
     pieces (`balanced_weight_gradient`, its largest difference from dy^T x in the row), and one cuBLAS

@@ -560,16 +560,18 @@ def report(
 ) -> None:
     tokens = args.n_microbatches * args.micro_batch * args.seq_len
     compiled = (
-        f"each chunk and the one-device model compiled (compile_parts, {args.compile_mode or 'default'} mode)"
+        f"our chunks and the one-device model compiled (compile_parts, {args.compile_mode or 'default'} mode)"
     )
-    if args.compile_mode in ("reduce-overhead", "max-autotune"):
+    graphed = args.compile_mode in ("reduce-overhead", "max-autotune")
+    if graphed:
         compiled += (
             ", the decoder layers of our stages and of the one-device model replayed from CUDA graphs "
-            "captured once per micro-batch in flight (lightning_dsv3.pipeline.graphs), torch's stages "
-            "compiled without"
+            "captured once per micro-batch in flight (lightning_dsv3.pipeline.graphs)"
         )
     if args.torch_eager:
         compiled += "; torch's stages eager (--torch-eager: its split-backward schedules cannot run compiled)"
+    else:
+        compiled += f", torch's stages compiled{' without graphs' if graphed else ''}"
     late = [f"{r.impl} {r.schedule} ({r.late_graphs})" for r in rows if r.late_graphs]
     notes = [f"{r.impl} {r.schedule}: {r.note}" for r in rows if r.note and r.step_s]
     body = (
