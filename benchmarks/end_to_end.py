@@ -75,7 +75,8 @@ class StepTimer(L.Callback):
         self._losses.append(outputs["loss"].detach())
         loads = [m.last_load for m in module.modules() if isinstance(m, Router) and m.last_load is not None]
         nan = torch.tensor(float("nan"), device=outputs["loss"].device)
-        self._skews.append(torch.stack([x.max() / x.mean() for x in loads]).mean() if loads else nan)
+        # nanmean: a router that saw no tokens (0 / 0) leaves the average, not the step
+        self._skews.append(torch.stack([x.max() / x.mean() for x in loads]).nanmean() if loads else nan)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self._mark()
