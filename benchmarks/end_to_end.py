@@ -57,7 +57,9 @@ class StepTimer(L.Callback):
         self.step_s: list[float] = []  # read once training ends
         self.losses: list[float] = []
         # per step: the largest expert's load over the mean, averaged over the routers (the balance the
-        # grouped GEMMs see; aux-loss-free balancing lowers it over a run); nan before the first update
+        # grouped GEMMs see; aux-loss-free balancing lowers it over a run), read from the load the
+        # step's bias update used (`Router.last_load`: a step skipped as non-finite repeats the one
+        # before); nan where no router saw a token
         self.skews: list[float] = []
 
     def _mark(self) -> None:
@@ -244,7 +246,7 @@ def main() -> None:
     step_s_of = {name: statistics.median(t.step_s[args.warmup :] or t.step_s) for name, t in results.items()}
     for name, step_s in step_s_of.items():
         tflops = flops_per_step / step_s / 1e12
-        skews = [x for x in results[name].skews[args.warmup :] if x == x]  # nan: no update yet
+        skews = [x for x in (results[name].skews[args.warmup :] or results[name].skews) if x == x]
         skew = f"{statistics.median(skews):.2f}" if skews else "—"
         rows.append([
             name, f"{step_s * 1e3:.1f}", f"{tokens / step_s:,.0f}", f"{tflops:.1f}", f"{tflops / peak:.1%}",

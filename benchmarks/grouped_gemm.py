@@ -49,15 +49,23 @@ def routed_counts(tokens: int, n_experts: int, top_k: int, seed: int = 0) -> tor
     return tokens_per_expert(picks, n_experts)
 
 
+def model_seq_len(config: ModelConfig) -> int:
+    """The sequence length `model_counts` routes its tokens in."""
+    return min(1024, config.max_seq_len)
+
+
 def model_counts(config: ModelConfig, tokens: int, device: torch.device) -> list[torch.Tensor]:
-    """Rows per expert of each MoE layer when the preset's routers, as initialised, route `tokens`
-    tokens of the default data (the bytes of Python's standard library): the routing of a run's first
-    steps, before aux-loss-free balancing has moved any bias."""
-    seq_len = min(1024, config.max_seq_len)
+    """Rows per expert of each MoE layer of the decoder (a plain forward does not run the MTP block's)
+    when the preset's routers, as initialised, route `tokens` tokens of the default data (the bytes of
+    Python's standard library), a multiple of `model_seq_len`: the routing of a run's first steps,
+    before aux-loss-free balancing has moved any bias."""
+    seq_len = model_seq_len(config)
+    if tokens % seq_len:
+        raise ValueError(f"route a multiple of {seq_len} tokens, not {tokens}")
     model = Transformer(config)
     model.init_weights()
     model.to(device).train()
-    data = DSV3DataModule(seq_len=seq_len, batch_size=max(1, tokens // seq_len), seed=0)
+    data = DSV3DataModule(seq_len=seq_len, batch_size=tokens // seq_len, seed=0)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))[:, :-1].to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -174,10 +182,14 @@ def main() -> None:
     ways = args.ways.split(",")
     if unknown := [w for w in ways if w not in WAYS]:
         parser.error(f"unknown ways {unknown}; choose among {', '.join(WAYS)}")
+    config = get_preset(args.preset)
+    if args.tokens % model_seq_len(config):
+        parser.error(
+            f"--tokens must be a multiple of {model_seq_len(config)}: the routers see whole sequences"
+        )
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    config = get_preset(args.preset)
     counts = routed_counts(args.tokens, config.n_routed_experts, config.n_activated_experts).to(device)
     rows_n = int(counts.sum())
     experts = GroupedExperts(config.n_routed_experts, config.dim, config.moe_inter_dim).to(device)
@@ -248,15 +260,16 @@ def main() -> None:
         f"{config.moe_inter_dim}; {args.tokens} tokens x top-{config.n_activated_experts} = {rows_n} rows "
         f"(random routing, {int(counts.min())}-{int(counts.max())} per expert); fp32 weights, "
         f"{'bf16 autocast' if cuda else 'fp32'}; {args.reps} timed calls after {args.warmup} warm-up\n\n"
-        + "Forward and backward of `GroupedExperts` in device time (the sum of their kernels' times; the "
-        "host clock on CPUs), on the random routing and on the model's layer of median skew:\n\n"
+        + "Forward and backward of `GroupedExperts` in device time per call (their kernels' times summed "
+        "over the timed calls, divided by their number; the host clock's median on CPUs), on the random "
+        "routing and on the model's layer of median skew:\n\n"
         + markdown_table(
             ["way", "routing", "forward ms", "forward TFLOP/s", "backward ms", "backward TFLOP/s"], rows
         )
         + "".join(kernel_tables)
         + f"\n\nEach GEMM kind alone (torch._grouped_mm, {dtype} operands), in device time, for the "
-        f"uniform routing above and for each MoE layer's routing by the preset's routers as initialised "
-        f"on the default data (largest expert {min(skew):.1f}x-{max(skew):.1f}x the mean over "
+        f"uniform routing above and for each decoder MoE layer's routing by the preset's routers as "
+        f"initialised on the default data (largest expert {min(skew):.1f}x-{max(skew):.1f}x the mean over "
         f"{len(skew)} layers; the mean over layers):" + "".join(kinds_tables)
     )
     write_result(f"grouped_gemm-{args.preset}", body)

@@ -19,9 +19,9 @@ mlp, eager dispatch and combine). A compiled chunk has one backward graph per la
 and weight gradients together: our runtime runs it whole at B (W is then empty). torch's
 split-backward schedules (ZBV, DualPipeV) cannot run compiled stages at all (their weight backward
 reads autograd metadata a compiled node lacks; measured on torch 2.11), so `--compile` runs torch's
-1F1B only and refuses the others, unless `--torch-eager` runs torch's stages eager beside our
-compiled ones: then every torch schedule runs at its best, on the same stage cuts and micro-batches
-(its rows are named "(eager)").
+1F1B only and refuses the others, unless `--torch-eager` runs all of torch's stages eager beside
+our compiled ones, so that its split-backward schedules run at all, on the same stage cuts and
+micro-batches (its rows are named "(eager)"; its 1F1B, which could run compiled, runs eager too).
 Compilation happens in the warm-up steps; a row that still compiled a graph during its timed steps is
 named under the tables.
 
@@ -441,7 +441,7 @@ def _backward_op(mb: int, loss: Any = None, full_backward: bool = True, last_bac
 
 def run_torch(name: str, bench: Bench) -> Row:
     tokens, args, device = bench.tokens, bench.args, bench.device
-    eager = args.compile and args.torch_eager  # stages as torch runs them best beside our compiled ones
+    eager = args.compile and args.torch_eager  # beside our compiled stages (module docstring)
     row = Row("torch.distributed.pipelining" + (" (eager)" if eager else ""), name)
     class_name, v_shape = TORCH[name]
     schedule_class = getattr(pipelining, class_name, None)
@@ -464,7 +464,7 @@ def run_torch(name: str, bench: Bench) -> Row:
         )
         stages.append(stage)
     try:
-        # the chunk's own cross-entropy (compiled with --compile), as our last stage's loss
+        # the chunk's own cross-entropy (compiled with --compile unless eager), as our last stage's loss
         schedule = schedule_class(
             stages if v_shape else stages[0], args.n_microbatches, loss_fn=chunks[-1].cross_entropy
         )
@@ -595,6 +595,7 @@ def report(
         + "".join(f"\n\n{note}" for note in notes)
     )
     suffix = (f"-compile-{args.compile_mode}" if args.compile_mode else "-compile") if args.compile else ""
+    suffix += "-torch-eager" if args.compile and args.torch_eager else ""
     write_result(f"pipeline_schedules-{args.preset}-pp{world}{suffix}", body)
 
 
@@ -632,7 +633,8 @@ def main() -> None:
         default=None,
         help='torch.compile\'s mode under --compile; "reduce-overhead": the decoder layers of our stages '
         "replay CUDA graphs captured per micro-batch in flight (lightning_dsv3.pipeline.graphs), the "
-        "one-device model's one capture the same way; torch's stages compile without graphs",
+        "one-device model's one capture the same way; torch's stages compile without graphs (or run eager: "
+        "--torch-eager)",
     )
     parser.add_argument(
         "--torch-eager",

@@ -127,6 +127,8 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
     assert "- device:" in text and "- command:" in text and "| " in text
     if script == "end_to_end":  # the profiled steps' tables, one per variant
         assert text.count("profiled steps 1..3") == len(SMALL_MODES_VARIANTS)
+        # how unevenly the routers spread tokens at the timed steps: a largest expert at least at the mean
+        assert all(float(r[5]) >= 1.0 for r in _table(text))
     elif script == "checkpointing":
         saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
         assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
