@@ -41,9 +41,10 @@ What a replay does not see, and how this copes:
 Memory: each capture holds, besides the activations a micro-batch keeps anyway, a static gradient for
 every parameter of its layers and static input and output buffers, so a slot should cost up to the
 chunk's layer parameters once more (in their dtype; not measured apart). Measured as a whole through
-Trainer on mini at pp=2 with DualPipe: 19.9 GiB peak with graphs against 17.9 without, in separate
-runs whose peaks may count memory an earlier variant in the same process still held (README,
-Measured). The planner's memory model does not count it yet.
+Trainer on mini at pp=2 with DualPipe (8 micro-batches of 2 x 1024): 19.9 GiB peak with graphs, with
+nothing held before the fit; 17.9 GiB without graphs in an earlier run (which may count memory an
+earlier variant in the same process still held) (README, Measured). The planner's memory model does
+not count the slots yet.
 """
 
 from __future__ import annotations
