@@ -53,7 +53,7 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self._marks: list[Any] = []  # CUDA events on GPUs, host clock readings on CPUs
         self._losses: list[torch.Tensor] = []
-        self._skews: list[torch.Tensor] = []
+        self._loads: list[list[torch.Tensor]] = []  # per step, each router's `last_load` (a new tensor)
         self.step_s: list[float] = []  # read once training ends
         self.losses: list[float] = []
         # per step: the largest expert's load over the mean, averaged over the routers (the balance the
@@ -75,10 +75,10 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self._losses.append(outputs["loss"].detach())
-        loads = [m.last_load for m in module.modules() if isinstance(m, Router) and m.last_load is not None]
-        nan = torch.tensor(float("nan"), device=outputs["loss"].device)
-        # nanmean: a router that saw no tokens (0 / 0) leaves the average, not the step
-        self._skews.append(torch.stack([x.max() / x.mean() for x in loads]).nanmean() if loads else nan)
+        # kept, not reduced here: no kernels of ours inside the timed steps
+        self._loads.append(
+            [m.last_load for m in module.modules() if isinstance(m, Router) and m.last_load is not None]
+        )
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self._mark()
@@ -88,7 +88,11 @@ class StepTimer(L.Callback):
         else:
             self.step_s = [b - a for a, b in zip(self._marks, self._marks[1:])]
         self.losses = torch.stack(self._losses).float().tolist() if self._losses else []
-        self.skews = torch.stack(self._skews).float().tolist() if self._skews else []
+        # nanmean: a router that saw no tokens (0 / 0) leaves the average, not the step
+        self.skews = [
+            float(torch.stack([x.max() / x.mean() for x in loads]).nanmean()) if loads else float("nan")
+            for loads in self._loads
+        ]
 
 
 class StepProfiler(L.Callback):
