@@ -94,19 +94,27 @@ def balanced_weight_gradient(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tens
     return (member @ pieces.flatten(1)).view(n_experts, *pieces.shape[1:])
 
 
-def device_ms(call: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Device milliseconds per call: the sum of its kernels' times (torch.profiler), so a call made of
-    several small kernels is not charged the host's time to launch them, as it is not under CUDA
-    graphs; the host clock's median on CPUs."""
-    if device.type != "cuda":
-        return median_ms(call, device, reps)
+def kernel_ms(call: Callable[[], object], device: torch.device, reps: int) -> Counter[str]:
+    """Device milliseconds per call of each kernel `call` launches (torch.profiler, GPU only), after
+    one untimed call."""
     call()
     synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             call()
         synchronize(device)
-    return sum(e.self_device_time_total for e in device_kernels(prof.key_averages())) / reps / 1e3
+    return Counter(
+        {e.key: e.self_device_time_total / reps / 1e3 for e in device_kernels(prof.key_averages())}
+    )
+
+
+def device_ms(call: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Device milliseconds per call: the sum of its kernels' times (`kernel_ms`), so a call made of
+    several small kernels is not charged the host's time to launch them, as it is not under CUDA
+    graphs; the host clock's median on CPUs."""
+    if device.type != "cuda":
+        return median_ms(call, device, reps)
+    return sum(kernel_ms(call, device, reps).values())
 
 
 def gemm_kinds(
@@ -157,14 +165,7 @@ def gemm_kinds(
 
 def kernels(forward: Callable, backward: Callable, device: torch.device, reps: int, top: int) -> str:
     """The `top` kernels of one forward and backward by device time, as a table (GPU only)."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            forward()
-            backward()
-        synchronize(device)
-    per_call = Counter(
-        {e.key: e.self_device_time_total / reps / 1e3 for e in device_kernels(prof.key_averages())}
-    )
+    per_call = kernel_ms(lambda: (forward(), backward()), device, reps)
     return markdown_table(["kernel", "ms"], [[k[:90], f"{v:.3f}"] for k, v in per_call.most_common(top)])
 
 
