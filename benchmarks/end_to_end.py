@@ -186,21 +186,24 @@ def fp8_baseline(variant: str) -> str | None:
     return next(name for name, other in VARIANTS.items() if other == without)
 
 
+def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset's fields every variant changes: the sequence length, and gamma when given."""
+    overrides: dict[str, Any] = {"max_seq_len": args.seq_len, "original_seq_len": args.seq_len}
+    if args.bias_update_speed is not None:
+        overrides["bias_update_speed"] = args.bias_update_speed
+    return overrides
+
+
 def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str]:
     L.seed_everything(0)
     gpu = torch.cuda.is_available()
     spec = {"dsv3": True, "expert_impl": "grouped", "attn_pad_v": False, "compile": False, "float8": None,
             "precision": "bf16-mixed" if gpu else "32-true"}  # fmt: skip
     spec.update(VARIANTS[variant])
-    overrides = {
-        "expert_impl": spec["expert_impl"],
-        "attn_pad_v": spec["attn_pad_v"],
-        "max_seq_len": args.seq_len,
-        "original_seq_len": args.seq_len,
-    }
+    overrides = {"expert_impl": spec["expert_impl"], "attn_pad_v": spec["attn_pad_v"]}
     module = DeepSeekV3Module(
         preset=args.preset,
-        model_overrides=overrides,
+        model_overrides={**overrides, **preset_overrides(args)},
         lr=args.lr, warmup_steps=5, compile=spec["compile"], float8=spec["float8"],
     )  # fmt: skip
     data = DSV3DataModule(seq_len=args.seq_len, batch_size=args.batch, max_bytes=16 * 2**20, seed=0)
@@ -229,6 +232,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
+        "--bias-update-speed", type=float, default=None,
+        help="gamma of aux-loss-free balancing (default: the preset's); how fast the routing balances",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", default="plain,auto,dsv3,dsv3-padv,dsv3-compile", help=f"any of {', '.join(VARIANTS)}"
     )
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the speed median")
@@ -254,7 +261,7 @@ def main() -> None:
     profiles = "".join(f"\n\n{v}: {summary}" for v, (_, summary) in runs.items() if summary)
     from lightning_dsv3.config import get_preset
 
-    config = get_preset(args.preset, max_seq_len=args.seq_len, original_seq_len=args.seq_len)
+    config = get_preset(args.preset, **preset_overrides(args))
     flops_per_step = train_flops(config, args.batch, args.seq_len)
     peak = matmul_peak_tflops() if torch.cuda.is_available() else float("nan")
     tokens = args.batch * args.seq_len
@@ -286,6 +293,7 @@ def main() -> None:
     fp8 = fp8_against_baseline(results, step_s_of, args.loss_window)
     body = (
         f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.steps} steps, "
+        f"bias_update_speed {config.bias_update_speed:g}, "
         f"bf16 matmul peak {peak:.0f} TFLOP/s, model FLOPs/step {flops_per_step:.3e}\n\n{speed}{diffs}"
         f"{fp8}{profiles}\n\n" + markdown_table(["step", *names], curve_rows)
     )

@@ -28,6 +28,8 @@ SMALL_MODES = {
         "1",
         "--profile",
         "1",
+        "--bias-update-speed",
+        "0.02",
     ],
     "checkpointing": [
         "--preset",
@@ -129,6 +131,7 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
         assert text.count("profiled steps 1..3") == len(SMALL_MODES_VARIANTS)
         # how unevenly the routers spread tokens at the timed steps: a largest expert at least at the mean
         assert all(float(r[5]) >= 1.0 for r in _table(text))
+        assert "bias_update_speed 0.02," in text  # the gamma asked for, not the debug preset's 0.01
     elif script == "checkpointing":
         saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
         assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
