@@ -14,7 +14,7 @@
             fastest recipe; `DeepSeekV3Module(float8=...)`, needs torchao and compute capability 8.9+)
   dsv3-fp8-rowwise  the same with rowwise scales
   dsv3-graphs-fp8  dsv3-graphs with dsv3-fp8's linears: fp8 adds an amax, a scale and a cast around
-            every GEMM, kernels a CUDA graph replays without their launches
+            every converted linear's GEMMs, kernels a CUDA graph replays without their launches
 
 For each: the loss of every step, tokens/s (median step time after warm-up), and MFU against the
 bf16 matmul peak measured in the same process. The loss curves of `auto` and `dsv3` should agree
@@ -177,13 +177,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def variant_spec(variant: str) -> dict[str, Any]:
+    """Every setting of `variant`: the defaults, then what the variant changes."""
+    spec = {"dsv3": True, "expert_impl": "grouped", "attn_pad_v": False, "compile": False, "float8": None,
+            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}  # fmt: skip
+    return {**spec, **VARIANTS[variant]}
+
+
 def fp8_baseline(variant: str) -> str | None:
-    """The variant with `variant`'s settings but fp8 off (None for a variant without fp8)."""
-    spec = VARIANTS[variant]
-    if not spec.get("float8"):
+    """The variant with `variant`'s settings but fp8 off (None for a variant without fp8); ValueError
+    when no variant has them, so that `main` refuses such a variant before any training."""
+    spec = variant_spec(variant)
+    if not spec["float8"]:
         return None
-    without = {k: v for k, v in spec.items() if k != "float8"}
-    return next(name for name, other in VARIANTS.items() if other == without)
+    without = {**spec, "float8": None}
+    match = next((name for name in VARIANTS if variant_spec(name) == without), None)
+    if match is None:
+        changed = {k: v for k, v in VARIANTS[variant].items() if k != "float8"}
+        raise ValueError(
+            f"fp8 variant {variant!r} has no bf16 baseline: add a variant with {changed} and no float8"
+        )
+    return match
 
 
 def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,12 +208,12 @@ def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str]:
+def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str, float]:
+    """Train `variant`; its step timer, its profile summary ("" without --profile), and the gamma its
+    routers balanced with."""
     L.seed_everything(0)
     gpu = torch.cuda.is_available()
-    spec = {"dsv3": True, "expert_impl": "grouped", "attn_pad_v": False, "compile": False, "float8": None,
-            "precision": "bf16-mixed" if gpu else "32-true"}  # fmt: skip
-    spec.update(VARIANTS[variant])
+    spec = variant_spec(variant)
     overrides = {"expert_impl": spec["expert_impl"], "attn_pad_v": spec["attn_pad_v"]}
     module = DeepSeekV3Module(
         preset=args.preset,
@@ -219,7 +233,7 @@ def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str]:
         use_distributed_sampler=False,  # one process: every variant reads the data module's seeded order
     )  # fmt: skip
     trainer.fit(module, data)
-    return timer, profiler.summary if profiler else ""
+    return timer, profiler.summary if profiler else "", module.config.bias_update_speed
 
 
 def main() -> None:
@@ -255,10 +269,13 @@ def main() -> None:
     for recipe in {VARIANTS[v].get("float8") for v in variants} - {None}:  # refuse fp8 before any run
         check_float8(recipe)
         check_float8_device(device, recipe)
+    for v in variants:  # and an fp8 variant without a baseline to compare it with
+        fp8_baseline(v)
 
     runs = {v: train(v, args) for v in variants}
-    results = {v: timer for v, (timer, _) in runs.items()}
-    profiles = "".join(f"\n\n{v}: {summary}" for v, (_, summary) in runs.items() if summary)
+    results = {v: timer for v, (timer, _, _) in runs.items()}
+    profiles = "".join(f"\n\n{v}: {summary}" for v, (_, summary, _) in runs.items() if summary)
+    gammas = sorted({gamma for _, _, gamma in runs.values()})  # one: every variant gets the same overrides
     from lightning_dsv3.config import get_preset
 
     config = get_preset(args.preset, **preset_overrides(args))
@@ -293,7 +310,7 @@ def main() -> None:
     fp8 = fp8_against_baseline(results, step_s_of, args.loss_window)
     body = (
         f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}, {args.steps} steps, "
-        f"bias_update_speed {config.bias_update_speed:g}, "
+        f"bias_update_speed {', '.join(f'{g:g}' for g in gammas)}, "
         f"bf16 matmul peak {peak:.0f} TFLOP/s, model FLOPs/step {flops_per_step:.3e}\n\n{speed}{diffs}"
         f"{fp8}{profiles}\n\n" + markdown_table(["step", *names], curve_rows)
     )
