@@ -31,6 +31,7 @@ SMALL_MODES = {
         "--bias-update-speed",
         "0.02",
     ],
+    "norm_kernels": ["--tokens", "512", "--dim", "64", "--reps", "2"],
     "checkpointing": [
         "--preset",
         "debug",
@@ -132,6 +133,12 @@ def test_benchmark_small_mode(script: str, tmp_path: Path) -> None:
         # how unevenly the routers spread tokens at the timed steps: a largest expert at least at the mean
         assert all(float(r[5]) >= 1.0 for r in _table(text))
         assert "bias_update_speed 0.02," in text  # the gamma asked for, not the debug preset's 0.01
+    elif script == "norm_kernels":  # both residual dtypes, eager and compiled (aten's op: GPUs only)
+        rows = _table(text)
+        assert [(r[0], r[1]) for r in rows] == [
+            ("float32", "eager"), ("float32", "compiled"), ("bfloat16", "eager"), ("bfloat16", "compiled")
+        ]  # fmt: skip
+        assert float(rows[2][3]) < float(rows[0][3])  # a bf16 residual moves fewer bytes
     elif script == "checkpointing":
         saved = {r[0]: float(r[-1].rstrip("%")) for r in _table(text)}
         assert saved["none"] == 0.0 and saved["layer"] > 30  # recomputing whole layers keeps far less
