@@ -1,22 +1,23 @@
 """A decoder layer's residual add and RMSNorm alone, forward and backward: near HBM bandwidth or not?
 
 A profile of mini's training step (batch 32 x 1024, `end_to_end --profile`) spends about 13 ms a
-step in Inductor's RMSNorm kernels. This times what each layer does twice, h = x + a and
-n = RMSNorm(h) (x the residual stream, a a bf16 branch output, n the bf16 input of the next GEMMs),
-forward and backward on the layer's rows, three ways:
+step in Inductor kernels named after RMSNorm (which also fuse gathers and casts around it). This times
+the pattern alone, h = x + a and n = RMSNorm(h) (x the residual stream, a a bf16 branch output, n the
+bf16 input of the next GEMMs; each layer adds into its residual twice and normalises it twice),
+forward and backward on `--tokens` rows of `--dim`, three ways:
 
   eager      aten's ops (its fused RMSNorm kernels on GPUs)
   compiled   torch.compile's default mode: Inductor fuses the add into its own norm kernels
-  aten norm  compiled, with aten's fused RMSNorm kept whole inside the graph as an opaque custom op
-             (GPU only: aten's fused RMSNorm backward has no CPU kernel)
+  aten norm  compiled, with aten's fused RMSNorm forward and backward kept whole inside the graph as
+             two opaque custom ops (GPU only: aten's fused RMSNorm backward has no CPU kernel)
 
 with the residual stream in fp32 (what bf16-mixed training keeps: fp32 embeddings) and in bf16. Each
 row gives the device time of a forward and backward (the kernels' sum; the host clock on CPUs), the
-bytes it must move at least (x and a read, h and n written; the two gradients and h read, the
-residual's gradient written), and the rate that makes against a device-to-device copy's measured in
-the same process. Gradients are taken with `torch.autograd.grad`, so no leaf's `.grad` accumulates.
+bytes it must move at least (`min_bytes`), and the rate that makes against a device-to-device copy's,
+timed the same way in the same process (a reference, not a ceiling: a kernel that reads more than it
+writes can beat it). Gradients are taken with `torch.autograd.grad`, so no leaf's `.grad` accumulates.
 
-    python -m benchmarks.norm_kernels                               # 32K x 1024 rows, on a GPU
+    python -m benchmarks.norm_kernels                               # 32768 rows of 1024, on a GPU
     python -m benchmarks.norm_kernels --tokens 512 --dim 64 --reps 2   # CPU small mode
 """
 
@@ -29,35 +30,54 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.grouped_gemm import device_ms, kernel_ms
-from benchmarks.results_io import markdown_table, median_ms, write_result
+from benchmarks.results_io import markdown_table, write_result
 
 EPS = 1e-6
 
 
 @torch.library.custom_op("dsv3_bench::fused_rms_norm", mutates_args=())
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """aten's fused RMSNorm, opaque to Inductor: (normalised x, rstd)."""
+    """aten's fused RMSNorm over the last dimension, opaque to Inductor: (normalised x, rstd)."""
     out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
     return out, rstd
 
 
 @fused_rms_norm.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # aten's meta kernel
 
 
-def _save(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+@torch.library.custom_op("dsv3_bench::fused_rms_norm_backward", mutates_args=())
+def fused_rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """aten's fused RMSNorm backward, opaque to Inductor (which would otherwise decompose it into its
+    own kernels): (input gradient, weight gradient)."""
+    dx, dw = torch.ops.aten._fused_rms_norm_backward(grad, x, [x.shape[-1]], rstd, weight, [True, True])
+    return dx, dw
+
+
+@fused_rms_norm_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _save(
+    ctx: torch.autograd.function.FunctionCtx,
+    inputs: tuple[torch.Tensor, torch.Tensor, float],
+    output: tuple[torch.Tensor, torch.Tensor],
+) -> None:
     x, weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
 
 
 def _backward(
     ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _grad_rstd: torch.Tensor
-) -> tuple:
+) -> tuple[torch.Tensor, torch.Tensor, None]:
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.aten._fused_rms_norm_backward(
-        grad.contiguous(), x, [x.shape[-1]], rstd, weight, [True, True]
-    )
+    dx, dw = fused_rms_norm_backward(grad.contiguous(), x, rstd, weight)
     return dx, dw, None
 
 
@@ -73,7 +93,7 @@ def add_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> tuple[to
 def add_norm_aten(
     x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_norm` with aten's fused RMSNorm as one opaque op."""
+    """`add_norm` with aten's fused RMSNorm as opaque ops (forward and backward)."""
     h = x + a
     return h, fused_rms_norm(h, weight.to(h.dtype), EPS)[0].to(torch.bfloat16)
 
@@ -86,17 +106,21 @@ def ways(device: torch.device) -> dict[str, Callable[..., tuple[torch.Tensor, to
 
 
 def min_bytes(tokens: int, dim: int, residual: torch.dtype) -> int:
-    """What a forward and backward must move: x, a read and h, n written; dh, dn and h read, the
-    residual's gradient written (a's gradient is the same tensor cast; the weight's is negligible)."""
+    """What a forward and backward must move: x and a read, h and n written; dh, dn and h read, the
+    residual's gradient written, and a's gradient, its own bf16 tensor unless the residual is bf16
+    (then autograd hands the one gradient to both). rstd and the weight's gradient, a value and a
+    weight per row at most, are left out."""
     r, b = torch.empty((), dtype=residual).element_size(), 2
-    return tokens * dim * ((r + b + r + b) + (r + b + r + r))
+    grad_a = b if residual != torch.bfloat16 else 0
+    return tokens * dim * ((r + b + r + b) + (r + b + r + r + grad_a))
 
 
 def copy_gbps(nbytes: int, device: torch.device, reps: int) -> float:
-    """A device-to-device copy's rate, bytes read and written per second / 1e9."""
+    """A device-to-device copy's rate, bytes read and written per second / 1e9, timed as the rows are
+    (`device_ms`)."""
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / median_ms(lambda: dst.copy_(src), device, reps) / 1e6
+    return 2 * nbytes / device_ms(lambda: dst.copy_(src), device, reps) / 1e6
 
 
 def forward_backward(
@@ -139,7 +163,7 @@ def main() -> None:
                 kernels += [[dtype, name, k[:70], f"{t:.3f}"] for k, t in top]
     header = ["residual", "way", "forward + backward ms", "bytes moved at least (MiB)", "GB/s", "vs the copy"]
     body = (
-        f"{args.tokens} x {args.dim} rows; a device-to-device copy moves {copy:.0f} GB/s (read + written)"
+        f"{args.tokens} rows of {args.dim}; a device-to-device copy moves {copy:.0f} GB/s (read + written)"
         "\n\n" + markdown_table(header, rows)
     )
     if kernels:
