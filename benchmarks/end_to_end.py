@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -208,9 +208,16 @@ def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str, float]:
-    """Train `variant`; its step timer, its profile summary ("" without --profile), and the gamma its
-    routers balanced with."""
+class Run(NamedTuple):
+    """One variant's training: what `main` reports of it."""
+
+    timer: StepTimer
+    profile: str  # the profiled steps' summary, "" without --profile
+    gamma: float  # the bias update speed its routers balanced with
+
+
+def train(variant: str, args: argparse.Namespace) -> Run:
+    """Train `variant` (`variant_spec`) on the preset with `preset_overrides`."""
     L.seed_everything(0)
     gpu = torch.cuda.is_available()
     spec = variant_spec(variant)
@@ -233,7 +240,7 @@ def train(variant: str, args: argparse.Namespace) -> tuple[StepTimer, str, float
         use_distributed_sampler=False,  # one process: every variant reads the data module's seeded order
     )  # fmt: skip
     trainer.fit(module, data)
-    return timer, profiler.summary if profiler else "", module.config.bias_update_speed
+    return Run(timer, profiler.summary if profiler else "", module.config.bias_update_speed)
 
 
 def main() -> None:
@@ -273,9 +280,9 @@ def main() -> None:
         fp8_baseline(v)
 
     runs = {v: train(v, args) for v in variants}
-    results = {v: timer for v, (timer, _, _) in runs.items()}
-    profiles = "".join(f"\n\n{v}: {summary}" for v, (_, summary, _) in runs.items() if summary)
-    gammas = sorted({gamma for _, _, gamma in runs.values()})  # one: every variant gets the same overrides
+    results = {v: run.timer for v, run in runs.items()}
+    profiles = "".join(f"\n\n{v}: {run.profile}" for v, run in runs.items() if run.profile)
+    gammas = sorted({run.gamma for run in runs.values()})  # one: every variant gets the same overrides
     from lightning_dsv3.config import get_preset
 
     config = get_preset(args.preset, **preset_overrides(args))

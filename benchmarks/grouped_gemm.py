@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import Counter
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.profile_step import device_kernels
-from benchmarks.results_io import markdown_table, median_ms, synchronize, write_result
+from benchmarks.profile_step import device_ms, kernel_ms
+from benchmarks.results_io import markdown_table, synchronize, write_result
 from lightning_dsv3.config import ModelConfig, get_preset
 from lightning_dsv3.data import DSV3DataModule
 from lightning_dsv3.model.moe import GroupedExperts, Router, tokens_per_expert
@@ -92,29 +90,6 @@ def balanced_weight_gradient(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tens
     pieces = torch._grouped_mm(dy.t(), x, offs=ends)  # (2E, out, in); an empty group's product is zero
     member = (torch.arange(n_experts, device=x.device).unsqueeze(1) == expert).to(pieces.dtype)
     return (member @ pieces.flatten(1)).view(n_experts, *pieces.shape[1:])
-
-
-def kernel_ms(call: Callable[[], object], device: torch.device, reps: int) -> Counter[str]:
-    """Device milliseconds per call of each kernel `call` launches (torch.profiler, GPU only), after
-    one untimed call."""
-    call()
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            call()
-        synchronize(device)
-    return Counter(
-        {e.key: e.self_device_time_total / reps / 1e3 for e in device_kernels(prof.key_averages())}
-    )
-
-
-def device_ms(call: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Device milliseconds per call: the sum of its kernels' times (`kernel_ms`), so a call made of
-    several small kernels is not charged the host's time to launch them, as it is not under CUDA
-    graphs; the host clock's median on CPUs."""
-    if device.type != "cuda":
-        return median_ms(call, device, reps)
-    return sum(kernel_ms(call, device, reps).values())
 
 
 def gemm_kinds(

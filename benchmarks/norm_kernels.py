@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.grouped_gemm import device_ms, kernel_ms
+from benchmarks.profile_step import device_ms, kernel_ms
 from benchmarks.results_io import markdown_table, write_result
 
 EPS = 1e-6
@@ -99,6 +99,7 @@ def add_norm_aten(
 
 
 def ways(device: torch.device) -> dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
+    """The ways this device runs (the module docstring's list)."""
     found = {"eager": add_norm, "compiled": torch.compile(add_norm)}
     if device.type == "cuda":
         found["aten norm"] = torch.compile(add_norm_aten)

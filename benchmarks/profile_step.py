@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.results_io import markdown_table, write_result
+from benchmarks.results_io import markdown_table, median_ms, synchronize, write_result
 from lightning_dsv3.config import get_preset
 from lightning_dsv3.model.transformer import Transformer
 
@@ -36,6 +38,29 @@ def device_kernels(events: list) -> list:
     spans kernels already counted."""
     cuda = torch.autograd.DeviceType.CUDA
     return [e for e in events if e.device_type == cuda and e.key not in ANNOTATIONS]
+
+
+def kernel_ms(call: Callable[[], object], device: torch.device, reps: int) -> Counter[str]:
+    """Device milliseconds per call of each kernel `call` launches (torch.profiler, GPU only), after
+    one untimed call."""
+    call()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        synchronize(device)
+    return Counter(
+        {e.key: e.self_device_time_total / reps / 1e3 for e in device_kernels(prof.key_averages())}
+    )
+
+
+def device_ms(call: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Device milliseconds per call: the sum of its kernels' times (`kernel_ms`), so a call made of
+    several small kernels is not charged the host's time to launch them, as it is not under CUDA
+    graphs; the host clock's median on CPUs."""
+    if device.type != "cuda":
+        return median_ms(call, device, reps)
+    return sum(kernel_ms(call, device, reps).values())
 
 
 def main() -> None:
